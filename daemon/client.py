@@ -1,0 +1,585 @@
+"""The Yeastar P-Series API client: the only module that touches aiohttp's client or its exceptions.
+
+One ``aiohttp.ClientSession`` per client, a ``User-Agent`` on every request, TLS verified unless the
+operator says otherwise, API calls paced, every errcode mapped to an exception of ``errors.py``, and
+one token manager that refreshes ahead of expiry, single-flight, and revokes its token on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import math
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+
+from daemon.clock import Clock, SystemClock
+from daemon.config import PbxConfig
+from daemon.errors import (
+    ArchiverError,
+    FatalAuthError,
+    PbxBusyError,
+    PbxUnavailableError,
+    RecordingMissingError,
+    RequestRejectedError,
+    TlsError,
+    TokenExpiredError,
+    TokenLimitError,
+    TransferError,
+    UrlExpiredError,
+)
+from daemon.logs import redact_text, remember_secret
+
+log = structlog.get_logger("daemon.client")
+
+RETRY_AFTER_CAP_S = 3600.0
+ENVELOPE_PEEK_BYTES = 64 * 1024
+MAX_ERROR_TEXT = 300
+
+_FATAL_ERRCODES = {
+    10001: "the PBX does not know this API endpoint: check pbx.base_url and pbx.api_path, or the firmware is too old",
+    10005: "the API application lacks a permission (ACCESS DENIED): grant it recording access in the PBX portal",
+    70004: "the PBX has BLOCKED this client IP after failed logins: an administrator must unblock it",
+    70087: "this client IP is not on the PBX API allow-list (IP FORBIDDEN): add it in the PBX portal",
+    70123: "the Open API is disabled on the PBX (API UNAVAILABLE): enable it in the PBX portal",
+}
+
+
+def error_for_errcode(errcode: int, errmsg: str, *, login: bool = False, recording: str | None = None,
+                      token_limit_backoff_s: float = 600.0) -> ArchiverError:
+    """The exception that carries the right decision for a non-zero errcode. Pure; tested as a table."""
+    msg = f"PBX answered {errmsg or 'an error'}"
+    if errcode == -1 and login:
+        return FatalAuthError("the PBX rejected the client id or secret (pbx.client_id / pbx.client_secret); "
+                              "not retrying: 5 failed logins block this IP", errcode=errcode)
+    if errcode in _FATAL_ERRCODES:
+        return FatalAuthError(_FATAL_ERRCODES[errcode], errcode=errcode)
+    if errcode == 10004:
+        return TokenExpiredError(msg, errcode=errcode, recording=recording)
+    if errcode in (40001, 40002):
+        return RequestRejectedError(msg, errcode=errcode, recording=recording)
+    if errcode == 60001:
+        return RecordingMissingError("the PBX no longer has this recording", errcode=errcode, recording=recording)
+    if errcode == 60002:
+        return TokenLimitError("the PBX's limit of 8 access tokens for this application is reached",
+                               errcode=errcode, retry_after_s=token_limit_backoff_s)
+    # -1 outside login, -2, 2 PROCESSING, 70082 OVERLOAD and any errcode not documented: retry later.
+    return PbxBusyError(msg, errcode=errcode, recording=recording)
+
+
+def parse_retry_after(value: str | None, now_wall: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, when.timestamp() - now_wall), RETRY_AFTER_CAP_S)
+
+
+def token_renewal_due(now: float, expires_at: float, lifetime_s: float, margin_s: float) -> bool:
+    """True when a token must be renewed: within ``margin_s`` of expiry (at most half its lifetime)."""
+    return now >= expires_at - min(margin_s, lifetime_s / 2)
+
+
+def file_url(base_url: str, resource: str) -> str:
+    """The absolute URL of a ``download_resource_url``; refuses one that points at another host.
+
+    The access token is appended to this URL, so it must never leave the PBX's origin.
+    """
+    parts = urlsplit(resource)
+    if parts.scheme or parts.netloc:
+        base = urlsplit(base_url)
+        if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+            raise TransferError(f"download URL points at another host ({parts.netloc!r}); refused")
+        return resource
+    if not resource.startswith("/"):
+        resource = "/" + resource
+    return base_url.rstrip("/") + resource
+
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """``bytes a-b/total`` -> (a, b, total); ``bytes */total`` -> (None, None, total); unknown parts None."""
+    if not value:
+        return None, None, None
+    unit, _, rest = value.strip().partition(" ")
+    if unit != "bytes":
+        return None, None, None
+    span, _, total_s = rest.partition("/")
+    total = int(total_s) if total_s.isdigit() else None
+    if span == "*":
+        return None, None, total
+    first, _, last = span.partition("-")
+    if first.isdigit() and last.isdigit():
+        return int(first), int(last), total
+    return None, None, total
+
+
+def _short(text: str) -> str:
+    text = redact_text(text)
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "…"
+
+
+@contextlib.contextmanager
+def translate_errors(what: str, *, in_body: bool = False, recording: str | None = None) -> Iterator[None]:
+    """Map aiohttp's and the socket's exceptions to the archiver's tree. The one place that does this."""
+    try:
+        yield
+    except ArchiverError:
+        raise
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise TlsError(
+            f"{what}: the PBX's TLS certificate was rejected ({_short(str(exc.certificate_error))}); "
+            "set pbx.tls.ca_file to the CA bundle that signed it", recording=recording) from exc
+    except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+        raise TlsError(f"{what}: TLS handshake with the PBX failed ({_short(str(exc))}); "
+                       "check pbx.base_url and pbx.tls", recording=recording) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise PbxUnavailableError(f"{what}: cannot connect to the PBX ({_short(str(exc.os_error))})",
+                                  recording=recording) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if in_body:
+            raise TransferError(f"{what}: the transfer stalled (no data within the read timeout)",
+                                recording=recording) from exc
+        raise PbxUnavailableError(f"{what}: the PBX did not answer in time", recording=recording) from exc
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+            aiohttp.ClientResponseError, ConnectionError) as exc:
+        if in_body:
+            raise TransferError(f"{what}: the transfer broke ({type(exc).__name__}: {_short(str(exc))})",
+                                recording=recording) from exc
+        raise PbxUnavailableError(f"{what}: the connection to the PBX failed ({type(exc).__name__}: "
+                                  f"{_short(str(exc))})", recording=recording) from exc
+    except aiohttp.ClientError as exc:
+        raise PbxUnavailableError(f"{what}: {type(exc).__name__}: {_short(str(exc))}", recording=recording) from exc
+
+
+class Pacer:
+    """Spaces API calls at most ``rate`` per second on the injected clock."""
+
+    def __init__(self, rate: float, clock: Clock) -> None:
+        self._interval = 1.0 / rate
+        self._clock = clock
+        self._next = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self._lock:
+            now = self._clock.monotonic()
+            if self._next > now:
+                await self._clock.sleep(self._next - now)
+                now = self._next
+            self._next = now + self._interval
+
+
+@dataclass(frozen=True)
+class DownloadUrl:
+    """A resolved download URL: absolute, WITHOUT the token (added per request, so a token renewal
+    does not cost a new URL); ``issued_at`` and ``expires_at`` are on the client's monotonic clock."""
+
+    file: str
+    url: str
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class RecordingPage:
+    total: int
+    items: list[dict[str, Any]]
+
+
+class FileStream:
+    """An open file transfer. ``start`` is the byte offset its body begins at; ``total`` the file size if known."""
+
+    def __init__(self, response: aiohttp.ClientResponse, *, start: int, total: int | None, first: bytes,
+                 recording: str | None) -> None:
+        self.status = response.status
+        self.start = start
+        self.total = total
+        self.length = response.content_length
+        self.content_type = response.headers.get("Content-Type", "")
+        self._response = response
+        self._first = first
+        self._recording = recording
+
+    async def chunks(self, size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """The body, in chunks of up to ``size`` bytes. Raises ``TransferError`` if it breaks or stalls."""
+        if self._first:
+            yield self._first
+        while True:
+            with translate_errors("file transfer", in_body=True, recording=self._recording):
+                chunk = await self._response.content.read(size)
+            if not chunk:
+                return
+            yield chunk
+
+
+class TokenManager:
+    """Holds ONE access token per PBX: login, proactive refresh, single-flight renewal, revocation."""
+
+    def __init__(self, client: PbxClient, cfg: PbxConfig, clock: Clock) -> None:
+        self._client = client
+        self._cfg = cfg
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._access: str | None = None
+        self._access_expires_at = -math.inf
+        self._lifetime_s = 0.0
+        self._refresh: str | None = None
+        self._refresh_expires_at = -math.inf
+        self._fatal: FatalAuthError | None = None
+        self._limit_until = -math.inf
+        self.logins = 0
+        self.refreshes = 0
+
+    @property
+    def fatal(self) -> FatalAuthError | None:
+        """The fatal auth error that stopped all logins, if any."""
+        return self._fatal
+
+    @property
+    def authenticated(self) -> bool:
+        return self._access is not None and self._clock.monotonic() < self._access_expires_at
+
+    def _fresh(self) -> bool:
+        return self._access is not None and not token_renewal_due(
+            self._clock.monotonic(), self._access_expires_at, self._lifetime_s, self._cfg.token_refresh_margin_s)
+
+    async def token(self) -> str:
+        """A valid access token; renews it (once, for all concurrent callers) when due."""
+        if self._fresh():
+            assert self._access is not None
+            return self._access
+        async with self._lock:
+            if not self._fresh():
+                await self._renew()
+            assert self._access is not None
+            return self._access
+
+    def invalidate(self, stale: str) -> None:
+        """The PBX said ``stale`` is expired (10004); the next ``token()`` renews unless already done."""
+        if self._access == stale:
+            self._access_expires_at = -math.inf
+
+    def clear_fatal(self) -> None:
+        """Allow one more login after a fatal auth error (``run`` does this on a long interval)."""
+        self._fatal = None
+
+    def _store(self, data: dict[str, Any]) -> None:
+        try:
+            access = str(data["access_token"])
+            refresh = str(data["refresh_token"])
+            lifetime = float(data.get("access_token_expire_time", 1800))
+            refresh_lifetime = float(data.get("refresh_token_expire_time", 86400))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PbxBusyError("the PBX's token answer lacks access_token/refresh_token") from exc
+        remember_secret(access)
+        remember_secret(refresh)
+        now = self._clock.monotonic()
+        self._access, self._refresh = access, refresh
+        self._lifetime_s = lifetime
+        self._access_expires_at = now + lifetime
+        self._refresh_expires_at = now + refresh_lifetime
+
+    async def _renew(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        now = self._clock.monotonic()
+        if now < self._limit_until:
+            raise TokenLimitError("waiting out the PBX's token limit", errcode=60002,
+                                  retry_after_s=self._limit_until - now)
+        if self._refresh is not None and now < self._refresh_expires_at:
+            try:
+                data = await self._client.call_raw("refresh_token", {"refresh_token": self._refresh})
+            except (TokenExpiredError, RequestRejectedError, PbxBusyError) as exc:
+                # The PBX refused the refresh token: fall back to a fresh login below.
+                log.info("token.refresh_failed", reason=str(exc))
+            else:
+                self._store(data)
+                self.refreshes += 1
+                log.info("token.refreshed", expires_in_s=self._lifetime_s)
+                return
+        await self._revoke_quietly()
+        try:
+            data = await self._client.call_raw("get_token", {
+                "username": self._cfg.client_id, "password": self._cfg.client_secret.reveal()}, login=True)
+        except FatalAuthError as exc:
+            self._fatal = exc
+            self._access = self._refresh = None
+            log.error("auth.fatal", errcode=exc.errcode, reason=exc.message)
+            raise
+        except TokenLimitError as exc:
+            self._limit_until = self._clock.monotonic() + (exc.retry_after_s or self._cfg.token_limit_backoff_s)
+            log.warning("token.limit_reached", retry_after_s=exc.retry_after_s)
+            raise
+        self._store(data)
+        self.logins += 1
+        log.info("token.obtained", expires_in_s=self._lifetime_s)
+
+    async def _revoke_quietly(self) -> None:
+        """Revoke the current token if it may still be live, so that we never hold two."""
+        if self._access is None or self._clock.monotonic() >= self._access_expires_at:
+            self._access = self._refresh = None
+            return
+        access, self._access, self._refresh = self._access, None, None
+        try:
+            await self._client.call_raw("del_token", None, params={"access_token": access}, method="GET")
+        except ArchiverError as exc:
+            log.warning("token.revoke_failed", reason=str(exc))
+        else:
+            log.info("token.revoked")
+
+    async def revoke(self) -> None:
+        """Revoke the token on shutdown (the PBX allows only 8 per application)."""
+        async with self._lock:
+            await self._revoke_quietly()
+
+
+class PbxClient:
+    """An async context manager around one ClientSession; ``close`` revokes the token."""
+
+    def __init__(self, cfg: PbxConfig, *, clock: Clock | None = None, read_timeout_s: float = 60.0,
+                 url_lifetime_s: float = 1800.0) -> None:
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self.tokens = TokenManager(self, cfg, self.clock)
+        self.pacer = Pacer(cfg.requests_per_second, self.clock)
+        self._session: aiohttp.ClientSession | None = None
+        self._url_lifetime_s = url_lifetime_s
+        self._api_timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, connect=cfg.timeout_s)
+        self._file_timeout = aiohttp.ClientTimeout(total=None, connect=cfg.timeout_s, sock_read=read_timeout_s)
+        remember_secret(cfg.client_secret.reveal())
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.cfg.tls.verify:
+            return False
+        ca = str(self.cfg.tls.ca_file) if self.cfg.tls.ca_file else None
+        return ssl.create_default_context(cafile=ca)
+
+    async def __aenter__(self) -> PbxClient:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+            headers={"User-Agent": self.cfg.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Revoke the token, then close the session."""
+        if self._session is None:
+            return
+        try:
+            await self.tokens.revoke()
+        finally:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("PbxClient used outside 'async with'")
+        return self._session
+
+    # ---------------------------------------------------------------- API calls
+    async def call_raw(self, endpoint: str, body: dict[str, Any] | None, *, params: dict[str, str] | None = None,
+                       method: str = "POST", login: bool = False, recording: str | None = None) -> dict[str, Any]:
+        """One paced API request without token handling. Returns the envelope when errcode is 0."""
+        await self.pacer.wait()
+        url = f"{self.cfg.api_base}/{endpoint}"
+        with translate_errors(endpoint, recording=recording):
+            async with self.session.request(method, url, params=params, json=body,
+                                            timeout=self._api_timeout) as resp:
+                self._raise_for_http(resp, endpoint, recording)
+                raw = await resp.read()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PbxBusyError(f"{endpoint}: the PBX answered something that is not JSON",
+                               recording=recording) from exc
+        if not isinstance(data, dict) or "errcode" not in data:
+            raise PbxBusyError(f"{endpoint}: the PBX answered JSON without an errcode", recording=recording)
+        errcode = _int_or(data.get("errcode"), -2)
+        if errcode != 0:
+            raise error_for_errcode(errcode, str(data.get("errmsg", "")), login=login, recording=recording,
+                                    token_limit_backoff_s=self.cfg.token_limit_backoff_s)
+        return data
+
+    def _raise_for_http(self, resp: aiohttp.ClientResponse, what: str, recording: str | None) -> None:
+        if resp.status == 200:
+            return
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock.wall())
+        if resp.status == 404:
+            raise FatalAuthError(f"{what}: HTTP 404 from the PBX: check pbx.base_url and pbx.api_path")
+        if resp.status in (429, 503) or resp.status >= 500:
+            raise PbxBusyError(f"{what}: HTTP {resp.status} from the PBX", retry_after_s=retry_after,
+                               recording=recording)
+        raise PbxBusyError(f"{what}: unexpected HTTP {resp.status} from the PBX", recording=recording)
+
+    async def call(self, endpoint: str, params: dict[str, str] | None = None, *,
+                   recording: str | None = None) -> dict[str, Any]:
+        """A GET API call with the token in the query; on 10004, renew the token once and retry."""
+        for attempt in (1, 2):
+            token = await self.tokens.token()
+            try:
+                return await self.call_raw(endpoint, None, params={**(params or {}), "access_token": token},
+                                           method="GET", recording=recording)
+            except TokenExpiredError:
+                if attempt == 2:
+                    raise
+                self.tokens.invalidate(token)
+        raise AssertionError("unreachable")
+
+    async def list_recordings(self, *, page: int = 1, page_size: int = 100, sort_by: str = "id",
+                              order_by: str = "desc") -> RecordingPage:
+        """One page of ``recording/list``."""
+        data = await self.call("recording/list", {"page": str(page), "page_size": str(page_size),
+                                                  "sort_by": sort_by, "order_by": order_by})
+        return _page(data)
+
+    async def search_recordings(self, *, page: int = 1, page_size: int = 100, **filters: str | int) -> RecordingPage:
+        """One page of ``recording/search``; filters: start_time, end_time, caller, callee, ids."""
+        params = {"page": str(page), "page_size": str(page_size)}
+        params.update({k: str(v) for k, v in filters.items()})
+        return _page(await self.call("recording/search", params))
+
+    async def resolve_download(self, *, rec_id: int | None = None, file: str | None = None) -> DownloadUrl:
+        """Ask for a recording's temporary download URL (valid 30 minutes) by id or by file name."""
+        if (rec_id is None) == (file is None):
+            raise ValueError("give exactly one of rec_id and file")
+        ref = str(rec_id) if rec_id is not None else str(file)
+        params = {"id": str(rec_id)} if rec_id is not None else {"file": str(file)}
+        data = await self.call("recording/download", params, recording=ref)
+        resource = data.get("download_resource_url")
+        name = data.get("file")
+        if not isinstance(resource, str) or not resource:
+            raise PbxBusyError("recording/download answered without download_resource_url", recording=ref)
+        now = self.clock.monotonic()
+        return DownloadUrl(file=name if isinstance(name, str) else (file or ""),
+                           url=file_url(self.cfg.base_url, resource), issued_at=now,
+                           expires_at=now + self._url_lifetime_s)
+
+    # ---------------------------------------------------------------- file transfer
+    @contextlib.asynccontextmanager
+    async def open_file(self, url: str, *, offset: int = 0, recording: str | None = None) -> AsyncIterator[FileStream]:
+        """Open a download URL, asking for bytes from ``offset`` on when it is > 0.
+
+        The stream's ``start`` tells where its body really begins: ``offset`` only when the server
+        answered 206 with a matching Content-Range, else 0. A 416 yields a stream with no body and
+        ``total`` set. Raises UrlExpiredError (404/403/410), PbxBusyError (5xx/429), the mapped
+        errcode error for a JSON envelope served in place of audio (10004: renews once, retries).
+        """
+        token_retried = False
+        use_range = offset > 0
+        while True:
+            token = await self.tokens.token()
+            headers = {"Range": f"bytes={offset}-"} if use_range else {}
+            with translate_errors("file download", recording=recording):
+                resp = await self.session.get(url, params={"access_token": token}, headers=headers,
+                                              timeout=self._file_timeout)
+            async with resp:
+                retry = await self._check_file_response(resp, recording)
+                if retry == "token" and not token_retried:
+                    token_retried = True
+                    self.tokens.invalidate(token)
+                    continue
+                if retry == "token":
+                    raise TokenExpiredError("the file URL refused a fresh token", errcode=10004, recording=recording)
+                start, total = 0, resp.content_length
+                if resp.status == 416:
+                    _, _, total = parse_content_range(resp.headers.get("Content-Range"))
+                    yield FileStream(resp, start=offset, total=total, first=b"", recording=recording)
+                    return
+                if resp.status == 206:
+                    first_byte, _, total = parse_content_range(resp.headers.get("Content-Range"))
+                    if not use_range or first_byte != offset:
+                        # A Range answer we did not ask for or that starts elsewhere: never splice it.
+                        log.info("download.range_mismatch", recording=recording, asked=offset, got=first_byte)
+                        use_range = False
+                        continue
+                    start = offset
+                first = await self._peek_envelope(resp, recording)
+                if first is None:
+                    if not token_retried:
+                        token_retried = True
+                        self.tokens.invalidate(token)
+                        continue
+                    raise TokenExpiredError("the file URL refused a fresh token", errcode=10004, recording=recording)
+                yield FileStream(resp, start=start, total=total, first=first, recording=recording)
+                return
+
+    async def _check_file_response(self, resp: aiohttp.ClientResponse, recording: str | None) -> str | None:
+        """Raise for statuses that end this request; ``"token"`` when the token must be renewed."""
+        if resp.status in (200, 206, 416):
+            return None
+        if resp.status == 401:
+            return "token"
+        if resp.status in (403, 404, 410):
+            raise UrlExpiredError(f"the download URL answered HTTP {resp.status}", recording=recording)
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock.wall())
+        if resp.status in (429, 503) or resp.status >= 500:
+            raise PbxBusyError(f"file download: HTTP {resp.status}", retry_after_s=retry_after, recording=recording)
+        raise TransferError(f"file download: unexpected HTTP {resp.status}", recording=recording)
+
+    async def _peek_envelope(self, resp: aiohttp.ClientResponse, recording: str | None) -> bytes | None:
+        """The first bytes of the body. A JSON errcode envelope in place of audio is raised as its error
+        (None for 10004: renew the token); an HTML page is a TransferError."""
+        with translate_errors("file transfer", in_body=True, recording=recording):
+            first = await resp.content.read(ENVELOPE_PEEK_BYTES)
+        head = first.lstrip()[:1]
+        if head == b"{":
+            with translate_errors("file transfer", in_body=True, recording=recording):
+                while len(first) < ENVELOPE_PEEK_BYTES:
+                    more = await resp.content.read(ENVELOPE_PEEK_BYTES - len(first))
+                    if not more:
+                        break
+                    first += more
+            try:
+                data = json.loads(first)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return first  # not an envelope after all; the downloader's audio check decides
+            if isinstance(data, dict) and "errcode" in data:
+                errcode = _int_or(data.get("errcode"), -2)
+                if errcode == 10004:
+                    return None
+                raise error_for_errcode(errcode, str(data.get("errmsg", "")), recording=recording,
+                                        token_limit_backoff_s=self.cfg.token_limit_backoff_s)
+        if head == b"<":
+            raise TransferError("the PBX sent an HTML page in place of the recording", recording=recording)
+        return first
+
+    async def check(self) -> RecordingPage:
+        """Log in and list one recording: proves URL, TLS, credentials and permission."""
+        return await self.list_recordings(page=1, page_size=1)
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _page(data: dict[str, Any]) -> RecordingPage:
+    items = data.get("data") or []
+    if not isinstance(items, list):
+        raise PbxBusyError("recording list: 'data' is not a list")
+    clean = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), int)]
+    return RecordingPage(total=_int_or(data.get("total_number"), len(clean)), items=clean)
+

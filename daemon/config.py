@@ -1,0 +1,479 @@
+"""Configuration: YAML to frozen, typed dataclasses, validated in full before any other I/O."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
+CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
+DEFAULT_LAYOUT = "{year}/{month}/{day}/{file}"
+LAYOUT_FIELDS = frozenset({"file", "stem", "ext", "id", "year", "month", "day", "call_type"})
+
+RecordingFormat = Literal["auto", "wav", "mp3"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Secret:
+    """A secret string that never shows itself in a repr, a log or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    verify: bool = True
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PbxConfig:
+    base_url: str
+    client_id: str
+    client_secret: Secret
+    api_path: str = "openapi/v1.0"
+    client_secret_file: Path | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    recording_format: RecordingFormat = "auto"
+    requests_per_second: float = 5.0
+    timeout_s: float = 30.0
+    user_agent: str = "OpenAPI"
+    token_refresh_margin_s: float = 120.0
+    token_limit_backoff_s: float = 600.0
+    auth_retry_interval_s: float = 900.0
+
+    @property
+    def api_base(self) -> str:
+        """``{base_url}/{api_path}`` with exactly one slash between them."""
+        return f"{self.base_url}/{self.api_path}" if self.api_path else self.base_url
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    ids: tuple[int, ...] = ()
+    queue_file: Path | None = None
+    queue_poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    dir: Path
+    layout: str = DEFAULT_LAYOUT
+    sidecar: bool = True
+    min_free_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class DownloadsConfig:
+    workers: int = 4
+    max_attempts: int = 8
+    read_timeout_s: float = 60.0
+    min_bytes_per_second: int = 1024
+    url_refresh_margin_s: float = 120.0
+    url_lifetime_s: float = 1800.0
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 600.0
+    pause_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    listen: str | None = "127.0.0.1:9464"
+    shutdown_grace_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: LogFormat = "auto"
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    pbx: PbxConfig
+    sources: SourcesConfig
+    archive: ArchiveConfig
+    state: StateConfig
+    downloads: DownloadsConfig
+    service: ServiceConfig
+    logging: LoggingConfig
+    source_path: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+
+_MISSING: Any = object()
+_REPORTED: Any = object()  # a value already reported as a problem (an unset ${VAR})
+T = TypeVar("T")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Reader:
+    """Walks one mapping of the YAML, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, data: Any, path: str, problems: list[str], base_dir: Path) -> None:
+        self.path = path
+        self.problems = problems
+        self.base_dir = base_dir
+        self.seen: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.problem(path, data, "must be a mapping")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, key: str, value: Any, why: str) -> None:
+        shown = "" if value is _MISSING else f" (got {value!r})"
+        self.problems.append(f"{key or '<top level>'}: {why}{shown}")
+
+    def raw(self, name: str) -> Any:
+        self.seen.add(name)
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, str):
+            value = self._expand(name, value)
+        return value
+
+    def _expand(self, name: str, value: str) -> Any:
+        unset = [var for var in _VAR.findall(value) if var not in os.environ]
+        for var in unset:
+            self.problem(self.key(name), _MISSING, f"environment variable ${{{var}}} is not set")
+        if unset:
+            return _REPORTED
+        return _VAR.sub(lambda m: os.environ[m.group(1)], value)
+
+    def section(self, name: str) -> _Reader:
+        value = self.raw(name)
+        return _Reader(None if value is _MISSING else value, self.key(name), self.problems, self.base_dir)
+
+    def get(self, name: str, kind: Callable[[Any], T], default: T, why: str,
+            check: Callable[[T], bool] = lambda _v: True) -> T:
+        """The value of ``name`` converted by ``kind``, or ``default``; ``why`` explains a bad value."""
+        value = self.raw(name)
+        if value is _REPORTED:
+            return default
+        if value is _MISSING:
+            if default is _MISSING:
+                self.problem(self.key(name), _MISSING, f"is required; {why}")
+            return default
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            self.problem(self.key(name), value, why)
+            return default
+        if not check(converted):
+            self.problem(self.key(name), value, why)
+            return default
+        return converted
+
+    def path_value(self, name: str, default: Path | None, why: str) -> Path | None:
+        value = self.raw(name)
+        if value is _REPORTED:
+            return None if default is _MISSING else default
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                self.problem(self.key(name), _MISSING, f"is required; {why}")
+                return None
+            return default
+        if not isinstance(value, str) or not value.strip():
+            self.problem(self.key(name), value, why)
+            return default
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                self.problem(self.key(str(name)), _MISSING, "unknown key (check the spelling)")
+
+
+def positive(value: float) -> bool:
+    return value > 0
+
+
+def non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError
+    return int(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError
+        return value.lower()
+    return convert
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise TypeError
+    out = []
+    for item in value:
+        if isinstance(item, bool):
+            raise TypeError
+        n = int(item)
+        if n <= 0:
+            raise ValueError
+        out.append(n)
+    return tuple(out)
+
+
+def _base_url(value: Any) -> str:
+    url = _text(value).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError
+    return url
+
+
+def _listen(value: Any) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = _text(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError
+    return f"{host}:{port}"
+
+
+def _layout(value: Any) -> str:
+    text = _text(value)
+    names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    if "{" not in text or not names or any(n not in LAYOUT_FIELDS for n in names):
+        raise ValueError
+    if text.startswith("/") or ".." in text.split("/"):
+        raise ValueError
+    return text
+
+
+def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[str]) -> str:
+    """The secret in ``path``, stripped of surrounding whitespace; problems are appended, not raised."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{key}: cannot read the secret file {str(path)!r}: {exc.strerror or exc}")
+        return ""
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.append(
+            f"{key}: {str(path)!r} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "run: chmod 600 on it"
+        )
+    if not text:
+        problems.append(f"{key}: the secret file {str(path)!r} is empty")
+    return text
+
+
+def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) -> Config:
+    """Validate a parsed YAML document. Raises ``ConfigError`` listing every problem at once."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    top = _Reader(data, "", problems, base_dir)
+
+    pbx = top.section("pbx")
+    base_url = pbx.get("base_url", _base_url, _MISSING, "an http:// or https:// URL such as https://192.168.5.150:8088")
+    api_path = pbx.get("api_path", _text, "openapi/v1.0", "a path such as openapi/v1.0").strip("/")
+    client_id = pbx.get("client_id", _text, _MISSING, "the Client ID from the PBX portal (Integrations > API)",
+                        check=lambda v: bool(v.strip()))
+    has_secret = pbx.data.get("client_secret") is not None
+    has_file = pbx.data.get("client_secret_file") is not None
+    secret_value = ""
+    secret_file = None
+    if has_secret and has_file:
+        pbx.problem(pbx.key("client_secret"), _MISSING, "set exactly one of client_secret and client_secret_file")
+        pbx.raw("client_secret")
+        pbx.raw("client_secret_file")
+    elif not has_secret and not has_file:
+        pbx.problem(pbx.key("client_secret"), _MISSING,
+                    "is required: set client_secret, or client_secret_file to a file holding it")
+        pbx.raw("client_secret")
+        pbx.raw("client_secret_file")
+    elif has_secret:
+        secret_value = pbx.get("client_secret", _text, "", "the Client Secret as a string",
+                               check=lambda v: bool(v.strip()))
+        pbx.raw("client_secret_file")
+    else:
+        pbx.raw("client_secret")
+        secret_file = pbx.path_value("client_secret_file", None, "a path to a file holding the Client Secret")
+
+    tls = pbx.section("tls")
+    verify = tls.get("verify", _bool, True, "true or false")
+    ca_file = tls.path_value("ca_file", None, "a path to a PEM bundle that signs the PBX certificate")
+    tls.finish()
+    if ca_file is not None and not ca_file.is_file():
+        problems.append(f"pbx.tls.ca_file: no such file ({str(ca_file)!r})")
+    if not verify:
+        warnings.append("pbx.tls.verify is false: the PBX certificate is NOT checked; set pbx.tls.ca_file instead")
+
+    pbx_cfg_kwargs = dict(
+        recording_format=pbx.get("recording_format", _choice("auto", "wav", "mp3"), "auto", "one of auto, wav, mp3"),
+        requests_per_second=pbx.get("requests_per_second", _number, 5.0, "a number of requests per second > 0",
+                                    check=positive),
+        timeout_s=pbx.get("timeout_s", _number, 30.0, "seconds > 0", check=positive),
+        user_agent=pbx.get("user_agent", _text, "OpenAPI", "a non-empty User-Agent (the PBX requires one)",
+                           check=lambda v: bool(v.strip())),
+        token_refresh_margin_s=pbx.get("token_refresh_margin_s", _number, 120.0, "seconds >= 0",
+                                       check=non_negative),
+        token_limit_backoff_s=pbx.get("token_limit_backoff_s", _number, 600.0, "seconds > 0", check=positive),
+        auth_retry_interval_s=pbx.get("auth_retry_interval_s", _number, 900.0, "seconds >= 60",
+                                      check=lambda v: v >= 60),
+    )
+    pbx.finish()
+
+    src = top.section("sources")
+    no_ids: tuple[int, ...] = ()
+    ids = src.get("ids", _ids, no_ids, "a list of positive recording ids such as [1727, 1728]")
+    queue_file = src.path_value("queue_file", None, "a path to the queue file")
+    queue_poll = src.get("queue_poll_interval_s", _number, 1.0, "seconds > 0", check=positive)
+    src.finish()
+
+    arc = top.section("archive")
+    archive_dir = arc.path_value("dir", _MISSING, "the folder the recordings are archived in")
+    layout = arc.get("layout", _layout, DEFAULT_LAYOUT,
+                     "a relative path template using only {file} {stem} {ext} {id} {year} {month} {day} {call_type}")
+    sidecar = arc.get("sidecar", _bool, True, "true or false")
+    min_free = arc.get("min_free_bytes", _int, 256 * 1024 * 1024, "bytes >= 0", check=non_negative)
+    arc.finish()
+
+    st = top.section("state")
+    state_path = st.path_value("path", None, "a path to the ledger database file")
+    st.finish()
+    if state_path is None and archive_dir is not None:
+        state_path = archive_dir / ".yeastar-archiver" / "ledger.db"
+
+    dl = top.section("downloads")
+    downloads = DownloadsConfig(
+        workers=dl.get("workers", _int, 4, "an integer from 1 to 64", check=lambda v: 1 <= v <= 64),
+        max_attempts=dl.get("max_attempts", _int, 8, "an integer >= 1", check=positive),
+        read_timeout_s=dl.get("read_timeout_s", _number, 60.0, "seconds > 0", check=positive),
+        min_bytes_per_second=dl.get("min_bytes_per_second", _int, 1024, "bytes per second >= 0",
+                                    check=non_negative),
+        url_refresh_margin_s=dl.get("url_refresh_margin_s", _number, 120.0, "seconds >= 0", check=non_negative),
+        url_lifetime_s=dl.get("url_lifetime_s", _number, 1800.0, "seconds > 0", check=positive),
+        backoff_base_s=dl.get("backoff_base_s", _number, 2.0, "seconds > 0", check=positive),
+        backoff_max_s=dl.get("backoff_max_s", _number, 600.0, "seconds > 0", check=positive),
+        pause_max_s=dl.get("pause_max_s", _number, 300.0, "seconds > 0", check=positive),
+    )
+    dl.finish()
+
+    sv = top.section("service")
+    default_listen: str | None = "127.0.0.1:9464"
+    service = ServiceConfig(
+        listen=sv.get("listen", _listen, default_listen, "host:port such as 127.0.0.1:9464, or null to disable"),
+        shutdown_grace_s=sv.get("shutdown_grace_s", _number, 20.0, "seconds >= 0", check=non_negative),
+    )
+    sv.finish()
+
+    lg = top.section("logging")
+    logging_cfg = LoggingConfig(
+        format=lg.get("format", _choice("auto", "json", "console"), "auto", "one of auto, json, console"),  # type: ignore[arg-type]
+        level=lg.get("level", _choice("debug", "info", "warning", "error"), "info",  # type: ignore[arg-type]
+                     "one of debug, info, warning, error"),
+    )
+    lg.finish()
+    top.finish()
+
+    if secret_file is not None:
+        secret_value = read_secret_file(secret_file, "pbx.client_secret_file", problems, warnings)
+
+    if problems:
+        raise ConfigError(problems)
+    # Both are set whenever no problem was found.
+    assert archive_dir is not None
+    assert state_path is not None
+    return Config(
+        pbx=PbxConfig(
+            base_url=base_url, api_path=api_path, client_id=client_id.strip(),
+            client_secret=Secret(secret_value.strip()), client_secret_file=secret_file,
+            tls=TlsConfig(verify=verify, ca_file=ca_file), **pbx_cfg_kwargs,  # type: ignore[arg-type]
+        ),
+        sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll),
+        archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free),
+        state=StateConfig(path=state_path),
+        downloads=downloads,
+        service=service,
+        logging=logging_cfg,
+        source_path=source_path,
+        warnings=tuple(warnings),
+    )
+
+
+def config_path(cli_value: str | None) -> Path:
+    """Where the config comes from: ``-c``, else ``$YEASTAR_ARCHIVER_CONFIG``, else the system path."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at ``path``. Raises ``ConfigError``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"config file {str(path)!r}: cannot read it: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([f"config file {str(path)!r}: not valid YAML{where}"]) from exc
+    return parse_config(data, base_dir=path.resolve().parent, source_path=path)

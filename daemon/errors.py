@@ -1,0 +1,145 @@
+"""The exception tree: each class carries the decision its caller has to make.
+
+    ArchiverError
+    ├── ConfigError              fix the configuration; exit 2
+    ├── FatalAuthError           the PBX refuses us (credentials, IP, permission); stop calling it; exit 3
+    ├── PauseError               pause the whole pipeline, burn no item's attempt; ``retry_after_s``
+    │   ├── PbxUnavailableError  cannot reach the PBX (refused, DNS, timeout); exit 4 for ``check``
+    │   │   └── TlsError         certificate rejected: never falls back to no verification
+    │   ├── TokenLimitError      errcode 60002, the 8-token limit: back off minutes
+    │   └── StorageError         disk full, read-only archive, fsync failure
+    ├── RetryableError           this request failed; try the item again after a back-off
+    │   ├── PbxBusyError         HTTP 5xx / 429, errcode -2, 2, 70082 and unknown errcodes
+    │   ├── TransferError        body cut, stalled, wrong length, not audio
+    │   ├── TokenExpiredError    errcode 10004 (the client refreshes once before this escapes)
+    │   └── UrlExpiredError      the 30-minute download URL lapsed: re-resolve, burn no attempt
+    └── PermanentError           this item will never succeed as asked
+        ├── RecordingMissingError  errcode 60001: gone from the PBX -> state ``missing``
+        └── RequestRejectedError   errcode 40001/40002 -> state ``failed``
+
+Messages never contain a secret: callers pass URLs through ``logs.redact_text`` first.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED_ITEMS = 1
+EXIT_CONFIG = 2
+EXIT_AUTH = 3
+EXIT_UNREACHABLE = 4
+
+
+class ArchiverError(Exception):
+    """Base of every error the archiver raises on purpose."""
+
+    exit_code = EXIT_FAILED_ITEMS
+
+    def __init__(self, message: str, *, errcode: int | None = None, recording: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errcode = errcode
+        self.recording = recording
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.errcode is not None:
+            parts.append(f"(errcode {self.errcode})")
+        if self.recording is not None:
+            parts.append(f"[recording {self.recording}]")
+        return " ".join(parts)
+
+
+class ConfigError(ArchiverError):
+    """The configuration is invalid; ``problems`` holds one line per problem, each naming its key."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems) if problems else "invalid configuration")
+        self.problems = problems
+
+
+class FatalAuthError(ArchiverError):
+    """The PBX refused the credentials, the client IP or the application; only an operator can fix it.
+
+    Never retried in a loop: five failed logins block the client IP on the PBX.
+    """
+
+    exit_code = EXIT_AUTH
+
+
+class PauseError(ArchiverError):
+    """Something outside any one recording is wrong: pause everything, burn no attempt."""
+
+    exit_code = EXIT_UNREACHABLE
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, errcode: int | None = None,
+                 recording: str | None = None) -> None:
+        super().__init__(message, errcode=errcode, recording=recording)
+        self.retry_after_s = retry_after_s
+
+
+class PbxUnavailableError(PauseError):
+    """The PBX cannot be reached or does not answer in time."""
+
+
+class TlsError(PbxUnavailableError):
+    """The PBX's TLS certificate was rejected; the message says how to trust it."""
+
+
+class TokenLimitError(PauseError):
+    """errcode 60002: the application already holds its maximum of access tokens."""
+
+
+class StorageError(PauseError):
+    """The archive cannot be written (disk full, read-only, fsync failed)."""
+
+    exit_code = EXIT_FAILED_ITEMS
+
+
+class RetryableError(ArchiverError):
+    """This attempt failed for a reason that may pass; ``retry_after_s`` is the server's hint, if any."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, errcode: int | None = None,
+                 recording: str | None = None) -> None:
+        super().__init__(message, errcode=errcode, recording=recording)
+        self.retry_after_s = retry_after_s
+
+
+class PbxBusyError(RetryableError):
+    """The PBX answered but could not serve the request now (5xx, 429, -2, 2, 70082, unknown errcode)."""
+
+
+class TransferError(RetryableError):
+    """A file transfer broke or delivered something that is not the recording."""
+
+
+class TokenExpiredError(RetryableError):
+    """errcode 10004 after the one refresh the client allows itself."""
+
+
+class UrlExpiredError(RetryableError):
+    """The download URL is no longer valid; get a new one without burning an attempt."""
+
+
+class PermanentError(ArchiverError):
+    """Retrying this item as asked cannot succeed; ``state`` is the ledger state it ends in."""
+
+    state = "failed"
+
+
+class RecordingMissingError(PermanentError):
+    """errcode 60001: the PBX no longer has the recording (deleted or auto-cleaned)."""
+
+    state = "missing"
+
+
+class RequestRejectedError(PermanentError):
+    """errcode 40001/40002: the PBX rejects the request's parameters for this item."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The process exit code for an error that ends a command."""
+    if isinstance(exc, ArchiverError):
+        return exc.exit_code
+    return EXIT_FAILED_ITEMS

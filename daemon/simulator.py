@@ -1,0 +1,578 @@
+"""A Yeastar P-Series Open API simulator: the endpoints the archiver uses, their rules, and faults.
+
+Faithful to ``reference/yeastar-p-series-api.md``: errcode envelopes in HTTP 200, the User-Agent
+rule, token / refresh-token / download-URL lifetimes, the 8-token limit (60002), the IP block after
+5 consecutive failed logins (70004), 10004 for expired tokens, paging and search, one request at a
+time in mp3 mode. Recording bytes are deterministic from (seed, id) and look like real audio.
+Test hooks live under ``/_sim/``: ``counters`` (GET) and ``control`` (POST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import random
+import secrets
+import struct
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from aiohttp import web
+
+from daemon.clock import Clock, SystemClock
+
+API = "/openapi/v1.0"
+BLOCK = 64 * 1024
+HOSTILE_NAMES = (
+    "../../x.wav", "a/b.wav", "/etc/passwd.wav", "x" * 296 + ".wav", ".", "-rf.wav", "nul\x00byte.wav",
+    "..\\..\\win.wav",
+)
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Everything the simulator can be told. Rates are probabilities per request, 0..1."""
+
+    count: int = 50
+    first_id: int = 1000
+    size_min: int = 16 * 1024
+    size_max: int = 256 * 1024
+    format: str = "wav"
+    seed: int = 1
+    client_id: str = "archiver"
+    client_secret: str = "sim-secret-please-change"  # noqa: S105 - the simulator's demo credential
+    token_lifetime_s: float = 1800.0
+    refresh_lifetime_s: float = 86400.0
+    url_lifetime_s: float = 1800.0
+    max_tokens: int = 8
+    block_after: int = 5
+    range_support: bool = True
+    hostile_names: bool = False
+    http500_rate: float = 0.0
+    errcode_rate: float = 0.0
+    busy_rate: float = 0.0
+    cut_rate: float = 0.0
+    stall_rate: float = 0.0
+    stall_s: float = 3600.0
+    json_body_rate: float = 0.0
+    json_body_errcode: int = -2
+
+
+@dataclass(frozen=True)
+class Recording:
+    id: int
+    file: str
+    size: int
+    time: str
+    uid: str
+    call_from: str
+    call_to: str
+    duration: int
+    call_type: str
+
+    def listing(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_recordings(opts: SimOptions) -> list[Recording]:
+    """The simulated PBX's recordings, fully determined by the options."""
+    recs = []
+    base = dt.datetime(2022, 1, 12, 9, 0, 0, tzinfo=dt.UTC)
+    ext = "mp3" if opts.format == "mp3" else "wav"
+    for n in range(opts.count):
+        rid = opts.first_id + n
+        rng = random.Random(f"{opts.seed}:meta:{rid}")
+        when = base + dt.timedelta(seconds=n * 97 + rng.randint(0, 60))
+        call_type = rng.choice(("Inbound", "Outbound", "Internal"))
+        ext_no = str(rng.randint(2000, 2099))
+        # Outside numbers carry a '+', which must survive URL encoding of file= lookups.
+        far = f"+49{rng.randint(100000000, 999999999)}" if call_type != "Internal" else str(rng.randint(2000, 2099))
+        src, dst = (far, ext_no) if call_type == "Inbound" else (ext_no, far)
+        unique = f"{int(when.timestamp())}.{n}"
+        name = f"{when:%Y%m%d%H%M%S}-{unique}-{src}-{dst}-{call_type}.{ext}"
+        if opts.hostile_names and n < len(HOSTILE_NAMES):
+            name = HOSTILE_NAMES[n]
+        size = rng.randint(opts.size_min, max(opts.size_min, opts.size_max))
+        recs.append(Recording(
+            id=rid, file=name, size=size, time=f"{when:%m/%d/%Y %H:%M:%S}",
+            uid=f"{when:%Y%m%d%H%M%S}{rng.randint(10000, 99999)}",
+            call_from=f"Caller {src}<{src}>", call_to=f"Callee {dst}<{dst}>",
+            duration=max(1, size // 16000), call_type=call_type,
+        ))
+    return recs
+
+
+def audio_header(fmt: str, size: int) -> bytes:
+    """A valid RIFF/WAVE header (8 kHz mono PCM) or an ID3v2 tag followed by an MPEG frame sync."""
+    if fmt == "mp3":
+        return b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64"
+    data_len = max(0, size - 44)
+    return (b"RIFF" + struct.pack("<I", max(0, size - 8)) + b"WAVE" + b"fmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16) + b"data" + struct.pack("<I", data_len))
+
+
+def recording_block(seed: int, fmt: str, rec: Recording, k: int) -> bytes:
+    """Block ``k`` (64 KiB, shorter at the end) of a recording's bytes."""
+    start = k * BLOCK
+    length = min(BLOCK, rec.size - start)
+    if length <= 0:
+        return b""
+    data = random.Random(f"{seed}:{rec.id}:{k}").randbytes(length)
+    if k == 0:
+        header = audio_header(fmt, rec.size)[:length]
+        data = header + data[len(header):]
+    return data
+
+
+def recording_bytes(seed: int, fmt: str, rec: Recording, start: int = 0, end: int | None = None) -> bytes:
+    """Bytes ``start``..``end`` (exclusive) of a recording; the whole file by default."""
+    end = rec.size if end is None else min(end, rec.size)
+    out = bytearray()
+    for k in range(start // BLOCK, (end + BLOCK - 1) // BLOCK):
+        block = recording_block(seed, fmt, rec, k)
+        lo = max(start - k * BLOCK, 0)
+        hi = min(end - k * BLOCK, len(block))
+        out += block[lo:hi]
+    return bytes(out)
+
+
+@dataclass
+class _Token:
+    expires_at: float
+    refresh_token: str
+    revoked: bool = False
+
+
+@dataclass
+class _Url:
+    rec: Recording
+    expires_at: float
+
+
+@dataclass
+class _Counters:
+    requests: Counter[str] = field(default_factory=Counter)
+    logins: int = 0
+    tokens_issued: int = 0
+    refreshes: int = 0
+    revocations: int = 0
+    failed_logins: int = 0
+    token_limit_hits: int = 0
+    ip_blocks: int = 0
+    bad_user_agent: int = 0
+    expired_token_hits: int = 0
+    in_flight: int = 0
+    max_concurrency: int = 0
+    mp3_violations: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    bytes_served: int = 0
+    transfers_completed: Counter[int] = field(default_factory=Counter)
+
+
+def _envelope(errcode: int, errmsg: str, **extra: Any) -> web.Response:
+    return web.json_response({"errcode": errcode, "errmsg": errmsg, **extra})
+
+
+_ERRMSG = {
+    -1: "FAILURE", -2: "INTERNAL SERVER ERROR", 10004: "TOKEN EXPIRED", 40002: "PARAMETER ERROR",
+    60001: "DATA NOT FOUND", 60002: "MAX LIMITATION EXCEEDED", 70004: "ACCOUNT IP BLOCKED",
+    70082: "OVERLOAD_TASK_RUNNING",
+}
+
+
+def _error(errcode: int, **extra: Any) -> web.Response:
+    return _envelope(errcode, _ERRMSG.get(errcode, "ERROR"), **extra)
+
+
+class Simulator:
+    """The simulated PBX: state, handlers and an optional server of its own on loopback."""
+
+    def __init__(self, opts: SimOptions | None = None, *, clock: Clock | None = None) -> None:
+        self.opts = opts or SimOptions()
+        self.clock = clock or SystemClock()
+        self.recordings = make_recordings(self.opts)
+        self.by_id = {r.id: r for r in self.recordings}
+        self.by_file = {r.file: r for r in self.recordings}
+        self.tokens: dict[str, _Token] = {}
+        self.refresh_tokens: dict[str, tuple[float, str]] = {}
+        self.urls: dict[str, _Url] = {}
+        self.failed_by_ip: Counter[str] = Counter()
+        self.blocked_ips: set[str] = set()
+        self.counters = _Counters()
+        self.rng = random.Random(self.opts.seed)
+        self.app = self._make_app()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None) -> str:
+        """Serve on ``host:port`` (0 picks a free port); returns the base URL."""
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sock = server.sockets[0]  # type: ignore[attr-defined]
+        bound_port = sock.getsockname()[1]
+        scheme = "https" if ssl_context is not None else "http"
+        self.base_url = f"{scheme}://{host}:{bound_port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    def content(self, rec: Recording) -> bytes:
+        return recording_bytes(self.opts.seed, self.opts.format, rec)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain JSON data."""
+        c = self.counters
+        now = self.clock.monotonic()
+        return {
+            "requests": dict(c.requests), "logins": c.logins, "tokens_issued": c.tokens_issued,
+            "tokens_live": sum(1 for t in self.tokens.values() if not t.revoked and t.expires_at > now),
+            "refreshes": c.refreshes, "revocations": c.revocations, "failed_logins": c.failed_logins,
+            "token_limit_hits": c.token_limit_hits, "ip_blocks": c.ip_blocks,
+            "bad_user_agent": c.bad_user_agent, "expired_token_hits": c.expired_token_hits,
+            "in_flight": c.in_flight, "max_concurrency": c.max_concurrency,
+            "mp3_violations": c.mp3_violations, "faults": dict(c.faults), "bytes_served": c.bytes_served,
+            "transfers_completed": {str(k): v for k, v in c.transfers_completed.items()},
+        }
+
+    # ---------------------------------------------------------------- app
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_post(f"{API}/get_token", self.get_token)
+        app.router.add_post(f"{API}/refresh_token", self.refresh_token)
+        app.router.add_get(f"{API}/del_token", self.del_token)
+        app.router.add_get(f"{API}/recording/list", self.recording_list)
+        app.router.add_get(f"{API}/recording/search", self.recording_search)
+        app.router.add_get(f"{API}/recording/download", self.recording_download)
+        app.router.add_get("/api/download/{name}", self.file_download)
+        app.router.add_get("/_sim/counters", self.sim_counters)
+        app.router.add_post("/_sim/control", self.sim_control)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        name = request.path.removeprefix(API + "/")
+        if request.path.startswith("/api/download/"):
+            name = "file"
+        if not request.path.startswith("/_sim/"):
+            self.counters.requests[name] += 1
+            if not request.headers.get("User-Agent"):
+                self.counters.bad_user_agent += 1
+                return _error(40002)
+        return await handler(request)
+
+    def _ip(self, request: web.Request) -> str:
+        return request.remote or "?"
+
+    def _issue(self) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        access, refresh = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        self.tokens[access] = _Token(now + self.opts.token_lifetime_s, refresh)
+        self.refresh_tokens[refresh] = (now + self.opts.refresh_lifetime_s, access)
+        self.counters.tokens_issued += 1
+        return {
+            "errcode": 0, "errmsg": "SUCCESS",
+            "access_token_expire_time": _seconds(self.opts.token_lifetime_s),
+            "access_token": access,
+            "refresh_token_expire_time": _seconds(self.opts.refresh_lifetime_s),
+            "refresh_token": refresh,
+        }
+
+    def _live_tokens(self) -> int:
+        now = self.clock.monotonic()
+        return sum(1 for t in self.tokens.values() if not t.revoked and t.expires_at > now)
+
+    def _token_ok(self, request: web.Request) -> bool:
+        tok = self.tokens.get(request.query.get("access_token", ""))
+        ok = tok is not None and not tok.revoked and tok.expires_at > self.clock.monotonic()
+        if not ok:
+            self.counters.expired_token_hits += 1
+        return ok
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    # ---------------------------------------------------------------- auth
+    async def get_token(self, request: web.Request) -> web.Response:
+        ip = self._ip(request)
+        if ip in self.blocked_ips:
+            return _error(70004, block_expire_time=0)
+        body = await self._json_body(request)
+        if body.get("username") != self.opts.client_id or body.get("password") != self.opts.client_secret:
+            self.counters.failed_logins += 1
+            self.failed_by_ip[ip] += 1
+            if self.failed_by_ip[ip] >= self.opts.block_after:
+                self.blocked_ips.add(ip)
+                self.counters.ip_blocks += 1
+            return _error(-1, invalid_param_list=[{"field": "username or password", "value": "error"}])
+        self.failed_by_ip[ip] = 0
+        if self._live_tokens() >= self.opts.max_tokens:
+            self.counters.token_limit_hits += 1
+            return _error(60002)
+        self.counters.logins += 1
+        return web.json_response(self._issue())
+
+    async def refresh_token(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        entry = self.refresh_tokens.pop(str(body.get("refresh_token", "")), None)
+        if entry is None or entry[0] <= self.clock.monotonic():
+            return _error(10004)
+        old = self.tokens.get(entry[1])
+        if old is not None:
+            old.revoked = True  # a refresh replaces the pair
+        self.counters.refreshes += 1
+        return web.json_response(self._issue())
+
+    async def del_token(self, request: web.Request) -> web.Response:
+        tok = self.tokens.get(request.query.get("access_token", ""))
+        if tok is None or tok.revoked:
+            return _error(10004)
+        tok.revoked = True
+        self.refresh_tokens.pop(tok.refresh_token, None)
+        self.counters.revocations += 1
+        return _envelope(0, "SUCCESS")
+
+    # ---------------------------------------------------------------- recordings
+    def _api_fault(self) -> web.Response | None:
+        r = self.rng.random()
+        o = self.opts
+        if r < o.http500_rate:
+            self.counters.faults["http500"] += 1
+            return web.Response(status=500, text="Internal Server Error")
+        r -= o.http500_rate
+        if r < o.errcode_rate:
+            self.counters.faults["errcode-2"] += 1
+            return _error(-2)
+        r -= o.errcode_rate
+        if r < o.busy_rate:
+            self.counters.faults["errcode70082"] += 1
+            return _error(70082)
+        return None
+
+    def _page(self, request: web.Request, recs: list[Recording]) -> web.Response:
+        try:
+            page = int(request.query.get("page", "1"))
+            size = int(request.query.get("page_size", "10"))
+        except ValueError:
+            return _error(40002)
+        if page < 1 or not 1 <= size <= 1000:
+            return _error(40002)
+        key = request.query.get("sort_by", "id")
+        desc = request.query.get("order_by", "desc") == "desc"
+        recs = sorted(recs, key=(lambda r: r.id) if key != "time" else (lambda r: (r.time, r.id)), reverse=desc)
+        chunk = recs[(page - 1) * size: page * size]
+        return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "total_number": len(recs),
+                                  "data": [r.listing() for r in chunk]})
+
+    async def recording_list(self, request: web.Request) -> web.Response:
+        if not self._token_ok(request):
+            return _error(10004)
+        return self._api_fault() or self._page(request, self.recordings)
+
+    async def recording_search(self, request: web.Request) -> web.Response:
+        if not self._token_ok(request):
+            return _error(10004)
+        fault = self._api_fault()
+        if fault is not None:
+            return fault
+        q = request.query
+        recs = self.recordings
+        try:
+            if "ids" in q:
+                wanted = {int(x) for x in q["ids"].split(",") if x.strip()}
+                recs = [r for r in recs if r.id in wanted]
+            if "start_time" in q or "end_time" in q:
+                lo, hi = int(q.get("start_time", "0")), int(q.get("end_time", str(2**40)))
+                recs = [r for r in recs if lo <= _epoch(r) <= hi]
+        except ValueError:
+            return _error(40002)
+        if "caller" in q:
+            recs = [r for r in recs if q["caller"] in r.call_from]
+        if "callee" in q:
+            recs = [r for r in recs if q["callee"] in r.call_to]
+        return self._page(request, recs)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[bool]:
+        """Count a request in flight; yields False when it breaks the mp3 one-at-a-time rule."""
+        c = self.counters
+        violation = self.opts.format == "mp3" and c.in_flight >= 1
+        if violation:
+            c.mp3_violations += 1
+        c.in_flight += 1
+        c.max_concurrency = max(c.max_concurrency, c.in_flight)
+        try:
+            yield not violation
+        finally:
+            c.in_flight -= 1
+
+    async def recording_download(self, request: web.Request) -> web.Response:
+        async with self._slot() as allowed:
+            if not self._token_ok(request):
+                return _error(10004)
+            if not allowed:
+                return _error(70082)
+            fault = self._api_fault()
+            if fault is not None:
+                return fault
+            q = request.query
+            rec = None
+            if "id" in q:
+                try:
+                    rec = self.by_id.get(int(q["id"]))
+                except ValueError:
+                    return _error(40002)
+            elif "file" in q:
+                rec = self.by_file.get(q["file"])
+            else:
+                return _error(40002)
+            if rec is None:
+                return _error(60001)
+            ext = "mp3" if self.opts.format == "mp3" else "wav"
+            name = f"Recording-X.7.0.6-1-download-{secrets.token_urlsafe(12)}.{ext}"
+            self.urls[name] = _Url(rec, self.clock.monotonic() + self.opts.url_lifetime_s)
+            return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "file": rec.file,
+                                      "download_resource_url": f"/api/download/{name}"})
+
+    async def file_download(self, request: web.Request) -> web.StreamResponse:
+        async with self._slot() as allowed:
+            if not self._token_ok(request):
+                return _error(10004)
+            if not allowed:
+                return _error(70082)
+            url = self.urls.get(request.match_info["name"])
+            if url is None or url.expires_at <= self.clock.monotonic():
+                return web.Response(status=404, text="Not Found")
+            return await self._serve_file(request, url.rec)
+
+    async def _serve_file(self, request: web.Request, rec: Recording) -> web.StreamResponse:
+        o = self.opts
+        r = self.rng.random()
+        if r < o.http500_rate:
+            self.counters.faults["http500"] += 1
+            return web.Response(status=500, text="Internal Server Error")
+        r -= o.http500_rate
+        if r < o.json_body_rate:
+            self.counters.faults["json_body"] += 1
+            return web.Response(body=json.dumps({"errcode": o.json_body_errcode,
+                                                 "errmsg": _ERRMSG.get(o.json_body_errcode, "ERROR")}).encode(),
+                                content_type="application/octet-stream")
+        r -= o.json_body_rate
+        cut = r < o.cut_rate
+        r -= o.cut_rate
+        stall = not cut and r < o.stall_rate
+
+        start, end, status = 0, rec.size, 200
+        rng_header = request.headers.get("Range")
+        if rng_header and o.range_support:
+            parsed = _parse_range(rng_header)
+            if parsed is None:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{rec.size}"})
+            start, last = parsed
+            if start >= rec.size:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{rec.size}"})
+            end = rec.size if last is None else min(last + 1, rec.size)
+            status = 206
+        resp = web.StreamResponse(status=status)
+        resp.content_type = "audio/mpeg" if o.format == "mp3" else "audio/wav"
+        resp.content_length = end - start
+        if status == 206:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{rec.size}"
+        resp.headers["Accept-Ranges"] = "bytes" if o.range_support else "none"
+        await resp.prepare(request)
+        if stall:
+            self.counters.faults["stall"] += 1
+            await asyncio.sleep(o.stall_s)
+        cut_at = start + (end - start) // 2 if cut else None
+        pos = start
+        while pos < end:
+            k = pos // BLOCK
+            block = recording_block(o.seed, o.format, rec, k)
+            piece = block[pos - k * BLOCK: min(end - k * BLOCK, len(block))]
+            if cut_at is not None and pos + len(piece) > cut_at:
+                piece = piece[: cut_at - pos]
+                await resp.write(piece)
+                self.counters.bytes_served += len(piece)
+                self.counters.faults["cut"] += 1
+                # Drop the connection mid-body: the client sees fewer bytes than Content-Length.
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            await resp.write(piece)
+            self.counters.bytes_served += len(piece)
+            pos += len(piece)
+        await resp.write_eof()
+        if start == 0 and end == rec.size:
+            self.counters.transfers_completed[rec.id] += 1
+        return resp
+
+    # ---------------------------------------------------------------- test hooks
+    async def sim_counters(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def sim_control(self, request: web.Request) -> web.Response:
+        """Test hook: ``{"expire_tokens": true, "expire_urls": true, "unblock": true, "options": {...}}``."""
+        body = await self._json_body(request)
+        self.control(expire_tokens=bool(body.get("expire_tokens")), expire_urls=bool(body.get("expire_urls")),
+                     unblock=bool(body.get("unblock")), options=body.get("options") or {})
+        return web.json_response({"ok": True})
+
+    def control(self, *, expire_tokens: bool = False, expire_urls: bool = False, unblock: bool = False,
+                options: dict[str, Any] | None = None) -> None:
+        """Expire every token or URL now, lift IP blocks, or change fault options while serving."""
+        if expire_tokens:
+            for tok in self.tokens.values():
+                tok.expires_at = self.clock.monotonic() - 1
+        if expire_urls:
+            for url in self.urls.values():
+                url.expires_at = self.clock.monotonic() - 1
+        if unblock:
+            self.blocked_ips.clear()
+            self.failed_by_ip.clear()
+        if options:
+            allowed = {k: v for k, v in options.items() if k.endswith("_rate") or k in ("stall_s", "range_support")}
+            self.opts = replace(self.opts, **allowed)
+
+
+def _seconds(value: float) -> float | int:
+    """Whole seconds as the PBX sends them; fractions only for the tiny lifetimes tests use."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _epoch(rec: Recording) -> int:
+    return int(dt.datetime.strptime(rec.time, "%m/%d/%Y %H:%M:%S").replace(tzinfo=dt.UTC).timestamp())
+
+
+def _parse_range(header: str) -> tuple[int, int | None] | None:
+    """``bytes=N-`` or ``bytes=N-M`` -> (N, M or None); anything else (suffix, multi-range) -> None."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    if not first.isdigit() or (last and not last.isdigit()):
+        return None
+    return int(first), (int(last) if last else None)
+
