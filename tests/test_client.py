@@ -427,6 +427,6 @@ async def test_body_cut_midway_raises_transfer_error(start_sim: SimFactory) -> N
 
 async def test_aiohttp_default_user_agent_is_not_what_we_send(start_sim: SimFactory) -> None:
     sim = await start_sim(count=1)
-    async with aiohttp.ClientSession() as raw:
-        async with raw.post(f"{sim.base_url}/openapi/v1.0/get_token", json={}, skip_auto_headers=["User-Agent"]) as r:
-            assert (await r.json())["errcode"] == 40002
+    async with (aiohttp.ClientSession() as raw,
+                raw.post(f"{sim.base_url}/openapi/v1.0/get_token", json={}, skip_auto_headers=["User-Agent"]) as r):
+        assert (await r.json())["errcode"] == 40002

@@ -45,10 +45,10 @@ async def _get(http: aiohttp.ClientSession, sim: Simulator, path: str, **params:
 
 async def test_requests_without_user_agent_get_40002(start_sim: SimFactory) -> None:
     sim = await start_sim()
-    async with aiohttp.ClientSession() as bare:
-        async with bare.post(f"{sim.base_url}{API}/get_token", json={}, skip_auto_headers=["User-Agent"]) as r:
-            assert r.status == 200
-            assert await r.json() == {"errcode": 40002, "errmsg": "PARAMETER ERROR"}
+    async with (aiohttp.ClientSession() as bare,
+                bare.post(f"{sim.base_url}{API}/get_token", json={}, skip_auto_headers=["User-Agent"]) as r):
+        assert r.status == 200
+        assert await r.json() == {"errcode": 40002, "errmsg": "PARAMETER ERROR"}
     assert sim.counters.bad_user_agent == 1
 
 
@@ -268,9 +268,9 @@ async def _file_url(http: aiohttp.ClientSession, sim: Simulator) -> tuple[str, s
 async def test_body_cut_midway_closes_the_connection(start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
     sim = await start_sim(count=1, size_min=300_000, size_max=300_000, cut_rate=1.0)
     url, token = await _file_url(http, sim)
-    with pytest.raises(aiohttp.ClientPayloadError):
-        async with http.get(url, params={"access_token": token}) as r:
-            assert r.content_length == 300_000
+    async with http.get(url, params={"access_token": token}) as r:
+        assert r.content_length == 300_000
+        with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
     assert sim.counters.faults["cut"] == 1 and not sim.counters.transfers_completed
 
