@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 from daemon import __version__
 from daemon.client import PbxClient
+from daemon.clock import SystemClock, sleep_or_stop
 from daemon.config import Config, config_path, load_config
 from daemon.errors import (
     EXIT_AUTH,
     EXIT_CONFIG,
+    EXIT_FAILED_ITEMS,
     EXIT_OK,
     EXIT_UNREACHABLE,
     ArchiverError,
     ConfigError,
     FatalAuthError,
+    StorageError,
 )
-from daemon.logs import configure_logging
+from daemon.ledger import STATES, LedgerDb, Ref
+from daemon.logs import configure_logging, redact_text
+from daemon.runner import Pipeline, ProgressHook, RunResult, run_pipeline
 from daemon.simulator import SimOptions, Simulator
+from daemon.sources import parse_ref
 
 log = structlog.get_logger("daemon.cli")
 
@@ -43,19 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate the config, log in to the PBX, call one endpoint, log out")
-    _add_config_arg(p, top=False)
-    p.set_defaults(func=cmd_check)
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
+        _add_config_arg(p, top=False)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("simulate", help="serve the bundled Yeastar P-Series simulator until interrupted")
-    _add_config_arg(p, top=False)
-    add_simulator_args(p)
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("demo", help="zero-setup tour against the bundled simulator")
-    _add_config_arg(p, top=False)
-    p.add_argument("--dir", default="yeastar-archiver-demo", help="where to write the demo config and archive")
-    p.set_defaults(func=cmd_demo)
+    command("run", cmd_run, "the daemon: archive everything queued and keep watching, until SIGTERM")
+    command("once", cmd_once, "archive everything queued now, then exit (1 if any recording failed)")
+    command("status", cmd_status, "counts and recent failures from the ledger (works while run runs)").add_argument(
+        "--json", action="store_true", help="one JSON object")
+    command("enqueue", cmd_enqueue, "add recordings by id or file name (idempotent)").add_argument(
+        "refs", nargs="+", metavar="REF", help="a numeric id, or a file name ending .wav/.mp3")
+    command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending").add_argument(
+        "refs", nargs="*", metavar="REF")
+    command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
+    add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))
+    command("demo", cmd_demo, "zero-setup tour against the bundled simulator").add_argument(
+        "--dir", default="yeastar-archiver-demo", help="where to write the demo config and archive")
     return parser
 
 
@@ -76,9 +90,10 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url-lifetime", type=float, default=d.url_lifetime_s, help="download URL lifetime, s")
     p.add_argument("--no-range", action="store_true", help="ignore Range headers (always answer 200)")
     p.add_argument("--hostile-names", action="store_true", help="give the first recordings hostile file names")
-    for name in ("http500", "errcode", "busy", "cut", "stall", "json-body"):
+    for name in ("http500", "errcode", "busy", "cut", "stall", "json-body", "url-expired"):
         p.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"probability of the {name} fault [0]")
     p.add_argument("--stall-s", type=float, default=d.stall_s, help="how long a stall lasts, s")
+    p.add_argument("--bytes-per-second", type=int, default=0, help="pace each transfer (0: unpaced) [0]")
 
 
 def simulator_options(args: argparse.Namespace) -> SimOptions:
@@ -89,6 +104,7 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
         url_lifetime_s=args.url_lifetime, range_support=not args.no_range, hostile_names=args.hostile_names,
         http500_rate=args.http500_rate, errcode_rate=args.errcode_rate, busy_rate=args.busy_rate,
         cut_rate=args.cut_rate, stall_rate=args.stall_rate, json_body_rate=args.json_body_rate,
+        url_expired_rate=args.url_expired_rate, bytes_per_second=args.bytes_per_second,
         stall_s=args.stall_s,
     )
 
@@ -170,49 +186,229 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run_until_signal(main)
 
 
+# ---------------------------------------------------------------- run / once
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+
+    async def main(stop: asyncio.Event) -> int:
+        # run ends only on SIGTERM/SIGINT: a PBX outage or a refused login leaves it up, not ready.
+        await run_pipeline(cfg, stop, once=False)
+        return EXIT_OK
+    return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+
+    async def main(stop: asyncio.Event) -> int:
+        result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr))
+        return once_exit_code(result)
+    return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def once_exit_code(result: RunResult) -> int:
+    """3 when the PBX refused us, 1 when any recording ended failed, else 0."""
+    if result.fatal is not None:
+        print(f"once: PBX refused us: {result.fatal}", file=sys.stderr)
+        return EXIT_AUTH
+    return EXIT_FAILED_ITEMS if result.counts.get("failed", 0) else EXIT_OK
+
+
+def _guard_pipeline(body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
+
+
+def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> ProgressHook:
+    """A live progress line on a TTY (done/total, MB, rate, ETA); periodic ``progress`` events otherwise."""
+    tty = stream.isatty()
+    every = interval_s if interval_s is not None else (0.5 if tty else 10.0)
+
+    async def report(pipeline: Pipeline, done: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            finished = await sleep_or_stop(SystemClock(), every, done)
+            counts = await pipeline.ledger.call(lambda db: db.counts())
+            total = sum(counts.values())
+            ended = counts["done"] + counts["missing"] + counts["failed"]
+            megabytes = pipeline.downloader.bytes_downloaded / 1e6
+            elapsed = max(loop.time() - started, 1e-6)
+            rate = megabytes / elapsed
+            per_item = elapsed / max(pipeline.scheduler.stats.archived, 1)
+            eta = (total - ended) * per_item if pipeline.scheduler.stats.archived else None
+            eta_text = f"{eta:5.0f} s" if eta is not None else "    ?"
+            paused = f"  (paused: {pipeline.scheduler.pause_reason})" if pipeline.scheduler.paused else ""
+            if tty:
+                stream.write(f"\r{ended:>7}/{total:<7} {megabytes:9.1f} MB {rate:7.1f} MB/s ETA {eta_text}{paused:<40}")
+                stream.flush()
+            else:
+                log.info("progress", ended=ended, total=total, megabytes=round(megabytes, 1),
+                         mb_per_s=round(rate, 2), eta_s=None if eta is None else round(eta))
+            if finished:
+                if tty:
+                    stream.write("\n")
+                return
+    return report
+
+
+# ---------------------------------------------------------------- status / enqueue / retry
+def _open_db(cfg: Config) -> LedgerDb:
+    return LedgerDb(cfg.state.path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not cfg.state.path.exists():
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        data: dict[str, Any] = {"counts": counts, "bytes_archived": 0, "recent_failures": [],
+                                "ledger": str(cfg.state.path), "ledger_exists": False}
+    else:
+        db = _open_db(cfg)
+        try:
+            data = {
+                "counts": db.counts(), "bytes_archived": db.bytes_archived(),
+                "recent_failures": [{"recording": r.ref, "state": r.state, "attempts": r.attempts,
+                                     "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
+                "ledger": str(cfg.state.path), "ledger_exists": True,
+            }
+        finally:
+            db.close()
+    if args.json:
+        print(json.dumps(data))
+        return EXIT_OK
+    c = data["counts"]
+    print(f"ledger: {data['ledger']}")
+    print("  " + "  ".join(f"{state}: {c[state]}" for state in STATES))
+    print(f"  archived: {data['bytes_archived'] / 1e6:.1f} MB")
+    if data["recent_failures"]:
+        print("recent failures:")
+        for f in data["recent_failures"]:
+            print(f"  {f['recording']}  {f['state']}  attempts={f['attempts']}  {f['error']}")
+    return EXIT_OK
+
+
+def _parse_refs(texts: list[str]) -> list[Ref]:
+    refs, bad = [], []
+    for text in texts:
+        ref = parse_ref(text)
+        if ref is None:
+            bad.append(text)
+        else:
+            refs.append(ref)
+    if bad:
+        raise ConfigError([f"not a recording id or .wav/.mp3 file name: {b!r}" for b in bad])
+    return refs
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    refs = _parse_refs(args.refs)
+    db = _open_db(cfg)
+    try:
+        added = db.enqueue(refs, source="cli", now=time.time())
+    finally:
+        db.close()
+    print(f"enqueue: {added} added, {len(refs) - added} already known")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    keys = [r.key for r in _parse_refs(args.refs)] if args.refs else None
+    db = _open_db(cfg)
+    try:
+        n = db.retry(keys, now=time.time())
+    finally:
+        db.close()
+    print(f"retry: {n} recording(s) back to pending")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- demo
+DEMO_OPTIONS = SimOptions(
+    count=200, size_min=60_000, size_max=1_500_000, token_lifetime_s=4, url_lifetime_s=3,
+    cut_rate=0.02, http500_rate=0.01, errcode_rate=0.01,
+)
+
+
 def write_demo_config(directory: Path, base_url: str, opts: SimOptions, *, ids: list[int]) -> Path:
-    """A config for the demo simulator, with the secret in a 0600 file as an operator would keep it."""
+    """A config for the demo simulator, as an operator would write one: the secret in a 0600 file,
+    the ids in a queue file."""
     directory.mkdir(parents=True, exist_ok=True)
     secret = directory / "client_secret"
     secret.write_text(opts.client_secret + "\n", encoding="utf-8")
     secret.chmod(0o600)
+    (directory / "queue.txt").write_text("# one recording id or file name per line\n"
+                                         + "".join(f"{i}\n" for i in ids), encoding="utf-8")
     cfg = directory / "config.yaml"
     cfg.write_text(
-        "# Written by `yeastar-archiver demo` for its bundled simulator.\n"
+        f"{DEMO_MARKER} for its bundled simulator.\n"
         "pbx:\n"
         f"  base_url: {base_url}\n"
         f"  client_id: {opts.client_id}\n"
         "  client_secret_file: client_secret\n"
         "  requests_per_second: 200\n"
         "sources:\n"
-        f"  ids: [{', '.join(str(i) for i in ids)}]\n"
+        "  queue_file: queue.txt\n"
         "archive:\n"
         "  dir: archive\n"
+        "  min_free_bytes: 0\n"
+        "downloads:\n"
+        "  backoff_base_s: 0.2\n"
+        "  backoff_max_s: 2\n"
+        "  pause_max_s: 2\n"
+        "  url_lifetime_s: 3\n"
+        "  url_refresh_margin_s: 1\n"
         "service:\n"
         "  listen: null\n"
         "logging:\n"
-        "  format: console\n",
+        "  level: warning\n",
         encoding="utf-8",
     )
     return cfg
 
 
+DEMO_MARKER = "# Written by `yeastar-archiver demo`"
+
+
+def prepare_demo_dir(directory: Path) -> None:
+    """Start each demo afresh, but only ever delete a folder an earlier demo made."""
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    cfg = directory / "config.yaml"
+    if not cfg.is_file() or not cfg.read_text(encoding="utf-8").startswith(DEMO_MARKER):
+        raise ConfigError([f"demo --dir {str(directory)!r} exists and was not made by the demo; choose another"])
+    shutil.rmtree(directory / "archive", ignore_errors=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
-    opts = SimOptions(count=20, token_lifetime_s=30, url_lifetime_s=20)
+    opts = DEMO_OPTIONS
+    prepare_demo_dir(directory)
 
     async def main(stop: asyncio.Event) -> int:
         async with Simulator(opts) as sim:
             cfg_path = write_demo_config(directory, sim.base_url, opts, ids=[r.id for r in sim.recordings])
-            print(f"demo: simulator on {sim.base_url}; config written to {cfg_path}")
+            print(f"demo: simulator (a fake Yeastar P-Series PBX) on {sim.base_url}: {opts.count} recordings, "
+                  f"{sum(r.size for r in sim.recordings) / 1e6:.0f} MB, tokens live {opts.token_lifetime_s:g} s, "
+                  f"download URLs {opts.url_lifetime_s:g} s, ~4% injected faults")
+            print(f"demo: config {cfg_path}")
             cfg = load_config(cfg_path)
             configure_logging(cfg.logging.format, cfg.logging.level)
-            report = await check_pbx(cfg)
-            print(f"demo: check OK: {report}")
+            result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr))
             counters = sim.snapshot()
-            print(f"demo: simulator saw {counters['logins']} login(s), {counters['revocations']} revocation(s)")
-        return EXIT_OK
+        s = result.stats
+        print(f"demo: archived {s.archived} recordings ({s.bytes / 1e6:.0f} MB) in {result.elapsed_s:.1f} s; "
+              f"{s.retried} retries after injected faults, {counters['refreshes']} token refreshes, "
+              f"{counters['logins']} login(s), {counters['revocations']} revocation(s)")
+        print(f"demo: ledger {result.counts}")
+        print(f"demo: the recordings are under {cfg.archive.dir}  (next to each: a .json sidecar)")
+        print(f"demo: try  yeastar-archiver status -c {cfg_path}")
+        return once_exit_code(result)
     return _run_until_signal(main)
 
 

@@ -74,3 +74,18 @@ class ManualClock:
         for _, fut in due:
             if not fut.done():
                 fut.set_result(None)
+
+
+async def sleep_or_stop(clock: Clock, seconds: float, *events: asyncio.Event) -> bool:
+    """Sleep ``seconds`` on ``clock``, returning early when any event is set. True if one was set."""
+    if any(e.is_set() for e in events):
+        return True
+    waiters = {asyncio.ensure_future(e.wait()) for e in events}
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({sleeper, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, *waiters):
+            task.cancel()
+        await asyncio.gather(sleeper, *waiters, return_exceptions=True)
+    return any(e.is_set() for e in events)

@@ -60,6 +60,8 @@ class SimOptions:
     stall_s: float = 3600.0
     json_body_rate: float = 0.0
     json_body_errcode: int = -2
+    url_expired_rate: float = 0.0
+    bytes_per_second: int = 0          # per transfer; 0 = as fast as loopback goes
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class _Counters:
     mp3_violations: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     bytes_served: int = 0
+    range_requests: int = 0
     transfers_completed: Counter[int] = field(default_factory=Counter)
 
 
@@ -250,6 +253,7 @@ class Simulator:
             "bad_user_agent": c.bad_user_agent, "expired_token_hits": c.expired_token_hits,
             "in_flight": c.in_flight, "max_concurrency": c.max_concurrency,
             "mp3_violations": c.mp3_violations, "faults": dict(c.faults), "bytes_served": c.bytes_served,
+            "range_requests": c.range_requests,
             "transfers_completed": {str(k): v for k, v in c.transfers_completed.items()},
         }
 
@@ -463,7 +467,12 @@ class Simulator:
                 return _error(10004)
             if not allowed:
                 return _error(70082)
-            url = self.urls.get(request.match_info["name"])
+            name = request.match_info["name"]
+            url = self.urls.get(name)
+            if url is not None and self.rng.random() < self.opts.url_expired_rate:
+                # As if the 30 minutes had just run out between resolving and fetching.
+                self.counters.faults["url_expired"] += 1
+                url.expires_at = self.clock.monotonic() - 1
             if url is None or url.expires_at <= self.clock.monotonic():
                 return web.Response(status=404, text="Not Found")
             return await self._serve_file(request, url.rec)
@@ -487,6 +496,8 @@ class Simulator:
 
         start, end, status = 0, rec.size, 200
         rng_header = request.headers.get("Range")
+        if rng_header:
+            self.counters.range_requests += 1
         if rng_header and o.range_support:
             parsed = _parse_range(rng_header)
             if parsed is None:
@@ -508,7 +519,13 @@ class Simulator:
             await asyncio.sleep(o.stall_s)
         cut_at = start + (end - start) // 2 if cut else None
         pos = start
+        began = asyncio.get_running_loop().time()
         while pos < end:
+            if o.bytes_per_second > 0:
+                # Pace like a small embedded PBX would: never ahead of bytes_per_second.
+                ahead = (pos - start) / o.bytes_per_second - (asyncio.get_running_loop().time() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             k = pos // BLOCK
             block = recording_block(o.seed, o.format, rec, k)
             piece = block[pos - k * BLOCK: min(end - k * BLOCK, len(block))]
@@ -553,7 +570,8 @@ class Simulator:
             self.blocked_ips.clear()
             self.failed_by_ip.clear()
         if options:
-            allowed = {k: v for k, v in options.items() if k.endswith("_rate") or k in ("stall_s", "range_support")}
+            allowed = {k: v for k, v in options.items()
+                       if k.endswith("_rate") or k in ("stall_s", "range_support", "bytes_per_second")}
             self.opts = replace(self.opts, **allowed)
 
 

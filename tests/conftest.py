@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,3 +68,65 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
     """Run ``python -m daemon ARGS`` as a real subprocess."""
     return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or cli_env(), cwd=cwd or REPO, check=False)
+
+
+def write_config(tmp_path: Path, base_url: str, *, secret: str = SimOptions.client_secret,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """A complete config file for the simulator at ``base_url``, archive under ``tmp_path/archive``.
+
+    ``extra`` merges per section, e.g. ``{"downloads": {"workers": 2}}``."""
+    import yaml
+    secret_file = tmp_path / "client_secret"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    data: dict[str, Any] = {
+        "pbx": {"base_url": base_url, "client_id": SimOptions.client_id, "client_secret_file": "client_secret",
+                "requests_per_second": 1000, "timeout_s": 5},
+        "archive": {"dir": "archive", "min_free_bytes": 0},
+        "downloads": {"backoff_base_s": 0.05, "backoff_max_s": 0.3, "pause_max_s": 0.5, "read_timeout_s": 5},
+        "service": {"listen": None, "shutdown_grace_s": 5},
+        "logging": {"format": "json", "level": "info"},
+    }
+    for section, values in (extra or {}).items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def archive_files(root: Path) -> dict[str, bytes]:
+    """Every regular audio file below ``root`` (relative path -> bytes), hidden files and the ledger excluded."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in rel.parts) \
+                and p.suffix in (".wav", ".mp3"):
+            out[str(rel)] = p.read_bytes()
+    return out
+
+
+@contextlib.contextmanager
+def simulator_subprocess(*args: str) -> Iterator[str]:
+    """`yeastar-archiver simulate --port 0 ARGS` as a real subprocess; yields its base URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "simulate", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    match = re.match(r"simulator listening on (http://127\.0\.0\.1:\d+)", first)
+    assert match, first + (proc.stderr.read() if proc.stderr else "")
+    credentials = [proc.stdout.readline() for _ in range(2)]
+    assert "client_id:     archiver" in credentials[0]
+    assert "client_secret: " in credentials[1]
+    try:
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 0
+
+
+def sim_counters(base_url: str) -> dict[str, Any]:
+    """The simulator's counters, over HTTP."""
+    with urllib.request.urlopen(f"{base_url}/_sim/counters", timeout=5) as r:  # noqa: S310 - loopback only
+        data: dict[str, Any] = json.loads(r.read())
+        return data

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import re
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import run_cli, simulator_subprocess
 
 
 @pytest.fixture
 def simulator_process() -> Iterator[str]:
-    """`yeastar-archiver simulate --port 0` as a subprocess; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "simulate", "--port", "0", "--count", "7"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    match = re.match(r"simulator listening on (http://127\.0\.0\.1:\d+)", first)
-    assert match, first + (proc.stderr.read() if proc.stderr else "")
-    credentials = [proc.stdout.readline() for _ in range(2)]
-    assert "client_id:     archiver" in credentials[0]
-    assert "client_secret: " in credentials[1]
-    try:
-        yield match.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-        assert proc.returncode == 0
+    """`yeastar-archiver simulate --port 0 --count 7` as a subprocess; yields its base URL."""
+    with simulator_subprocess("--count", "7") as base_url:
+        yield base_url
 
 
 def _config(tmp_path: Path, base_url: str, secret: str = "sim-secret-please-change") -> Path:

@@ -315,3 +315,22 @@ async def test_counters_endpoint_reports_everything(start_sim: SimFactory, http:
     async with http.post(f"{sim.base_url}/_sim/control", json={"expire_tokens": True}) as r:
         assert (await r.json()) == {"ok": True}
     assert (await _get(http, sim, "recording/list", access_token=token))["errcode"] == 10004
+
+
+async def test_url_expired_fault_answers_404_once_resolved(start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
+    sim = await start_sim(count=1, url_expired_rate=1.0)
+    url, token = await _file_url(http, sim)
+    async with http.get(url, params={"access_token": token}) as r:
+        assert r.status == 404
+    assert sim.counters.faults["url_expired"] == 1
+
+
+async def test_bytes_per_second_paces_each_transfer(start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
+    sim = await start_sim(count=1, size_min=300_000, size_max=300_000, bytes_per_second=1_000_000)
+    url, token = await _file_url(http, sim)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with http.get(url, params={"access_token": token}) as r:
+        assert await r.read() == sim.content(sim.recordings[0])
+    # A lower bound only: a slow machine makes this longer, never shorter.
+    assert loop.time() - began >= 0.2

@@ -1,0 +1,307 @@
+"""The downloader: one recording from URL to verified, committed file, by the restic-style protocol.
+
+stream into a hidden ``.part`` beside the target (O_EXCL, no symlink followed), hashing as it goes →
+verify length and that the body is audio → fsync(file) → link to the final name, never clobbering →
+fsync(dir) → ledger done → sidecar. A failed fsync is never retried: the temp file is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import aiofiles
+import structlog
+
+from daemon.archive import (
+    ArchiveDir,
+    Naming,
+    alternate_name,
+    audio_ext,
+    final_relpath,
+    looks_like_audio,
+    part_name,
+    sidecar_data,
+    storage_error,
+)
+from daemon.client import DownloadUrl, PbxClient
+from daemon.clock import Clock
+from daemon.config import Config
+from daemon.errors import PermanentError, StorageError, TransferError, UrlExpiredError
+from daemon.ledger import Ledger, Row
+from daemon.resolver import RequestGate, Resolver
+
+log = structlog.get_logger("daemon.downloader")
+
+CHUNK_BYTES = 256 * 1024
+THROUGHPUT_WINDOW_S = 30.0
+MAX_URL_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Archived:
+    """The outcome of one recording: where it is, and whether bytes crossed the network for it."""
+
+    final_path: str
+    size: int
+    sha256: str
+    downloaded: bool
+
+
+def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int) -> bool:
+    """True when a full throughput window moved fewer bytes than the floor allows. Pure."""
+    return min_bytes_per_second > 0 and window_s >= THROUGHPUT_WINDOW_S and \
+        window_bytes < min_bytes_per_second * window_s
+
+
+def verification_problem(size: int, head: bytes, listing_size: int | None) -> str | None:
+    """Why a complete transfer is not the recording, or None when it is. Pure."""
+    if size == 0:
+        return "the PBX sent an empty body"
+    if listing_size is not None and size != listing_size:
+        return f"got {size} bytes but the PBX lists {listing_size}"
+    if not looks_like_audio(head):
+        return "the body is not audio (no RIFF/WAVE, ID3 or MPEG frame header)"
+    return None
+
+
+def expected_listing_size(row: Row, served_file: str) -> int | None:
+    """The listing's size, when it describes the same format as the file being served."""
+    size = row.meta.get("size")
+    if not isinstance(size, int) or size <= 0 or not row.file:
+        return None
+    return size if audio_ext(row.file) == audio_ext(served_file) else None
+
+
+class Downloader:
+    """Archives one claimed ledger row at a time per caller; safe to call from many workers."""
+
+    def __init__(self, cfg: Config, client: PbxClient, resolver: Resolver, gate: RequestGate, ledger: Ledger,
+                 clock: Clock, archive: ArchiveDir) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.resolver = resolver
+        self.gate = gate
+        self.ledger = ledger
+        self.clock = clock
+        self.archive = archive
+        self.bytes_downloaded = 0
+
+    async def archive_row(self, row: Row) -> Archived:
+        """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
+        the URL expired several times in a row (the caller must not burn an attempt for it)."""
+        for _ in range(MAX_URL_ROUNDS):
+            url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
+            try:
+                result = await self._fetch(row, url)
+            except UrlExpiredError:
+                self.resolver.forget(row.key)
+                continue
+            self.resolver.forget(row.key)
+            return result
+        raise UrlExpiredError("the download URL expired again and again", recording=row.ref)
+
+    async def _fetch(self, row: Row, url: DownloadUrl) -> Archived:
+        served = url.file or row.file or ""
+        naming = Naming(rec_id=row.rec_id, file=served, call_type=row.meta.get("call_type"))
+        rel = final_relpath(self.cfg.archive.layout, naming, dt.datetime.fromtimestamp(self.clock.wall(), dt.UTC))
+        listing_size = expected_listing_size(row, served)
+        try:
+            dir_fd = await asyncio.to_thread(self.archive.open_dir, rel.parent, create=True)
+        except OSError as exc:
+            raise self._os_error(exc, f"cannot create {str(rel.parent)!r}", row) from exc
+        try:
+            adopted = await self._adopt_existing(row, dir_fd, rel, served, listing_size)
+            if adopted is not None:
+                return adopted
+            await self._check_free_space(listing_size)
+            return await self._download(row, url, dir_fd, rel, served, listing_size)
+        finally:
+            os.close(dir_fd)
+
+    def _os_error(self, exc: OSError, what: str, row: Row) -> Exception:
+        err = storage_error(exc, what)
+        if err is not None:
+            return err
+        if exc.errno == errno.ELOOP:
+            return PermanentError(f"{what}: refused, a symlink or non-directory is in the way", recording=row.ref)
+        return TransferError(f"{what}: {exc}", recording=row.ref)
+
+    async def _check_free_space(self, expected: int | None) -> None:
+        floor = self.cfg.archive.min_free_bytes
+        if floor <= 0:
+            return
+        free = await asyncio.to_thread(self.archive.free_bytes)
+        if free < floor + (expected or 0):
+            raise StorageError(f"only {free} bytes free in archive.dir (archive.min_free_bytes is {floor})")
+
+    async def _adopt_existing(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str,
+                              listing_size: int | None) -> Archived | None:
+        """A verified file already under the final name is adopted, not downloaded again."""
+        st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, rel.name)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        if listing_size is not None and st.st_size != listing_size:
+            return None  # a different recording holds this name: download and keep both
+        size, sha, head = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, rel.name)
+        if not looks_like_audio(head) or size == 0:
+            return None
+        log.info("download.adopted", recording=row.ref, path=str(rel), size=size)
+        return await self._finish(row, dir_fd, rel, served, size, sha, downloaded=False)
+
+    async def _download(self, row: Row, url: DownloadUrl, dir_fd: int, rel: PurePosixPath, served: str,
+                        listing_size: int | None) -> Archived:
+        part = part_name(rel.name)
+        part_rel = str(rel.parent / part)
+        keep = 0
+        if row.part_path == part_rel and row.part_synced > 0:
+            st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, part)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= row.part_synced:
+                keep = row.part_synced
+        try:
+            fd = await asyncio.to_thread(ArchiveDir.open_part, dir_fd, part, keep=keep)
+        except OSError as exc:
+            raise self._os_error(exc, f"cannot create {part_rel!r}", row) from exc
+        await self.ledger.call(lambda db: db.set_part(row.key, part_rel, keep))
+        try:
+            try:
+                size, sha, head = await self._stream(row, url, fd, part_rel, keep)
+            except OSError as exc:
+                await self._discard(row, dir_fd, part)
+                raise self._os_error(exc, f"writing {part_rel!r} failed", row) from exc
+            # A broken transfer keeps its temp file: the ledger's checkpoint says how much of it to trust.
+            problem = verification_problem(size, head, listing_size)
+            if problem is not None:
+                await self._discard(row, dir_fd, part)
+                raise TransferError(problem, recording=row.ref)
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            except OSError as exc:
+                # Never retry an fsync: the page cache may have dropped the data. Start over.
+                await self._discard(row, dir_fd, part)
+                raise self._os_error(exc, "fsync of the downloaded file failed", row) from exc
+        finally:
+            os.close(fd)
+        final = await self._commit(row, dir_fd, rel, part, sha)
+        return await self._finish(row, dir_fd, final, served, size, sha, downloaded=True)
+
+    async def _discard(self, row: Row, dir_fd: int, part: str) -> None:
+        def unlink() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part, dir_fd=dir_fd)
+        await asyncio.to_thread(unlink)
+        await self.ledger.call(lambda db: db.set_part(row.key, None, 0))
+
+    async def _stream(self, row: Row, url: DownloadUrl, fd: int, part_rel: str, keep: int) -> tuple[int, str, bytes]:
+        """Write the body into ``fd`` from ``keep`` on; returns (size, sha256, first bytes)."""
+        digest = hashlib.sha256()
+        head = b""
+        if keep:
+            head, digest = await asyncio.to_thread(_hash_prefix, fd, keep)
+        async with self.gate.slot(), self.client.open_file(url.url, offset=keep, recording=row.ref) as stream:
+            if stream.status == 416:
+                if keep and stream.total == keep:
+                    return keep, digest.hexdigest(), head
+                raise TransferError("the server refused the resume offset (416)", recording=row.ref)
+            if stream.start != keep:
+                # The server ignored Range: start over so that two attempts' bytes are never spliced.
+                log.info("download.restart_from_zero", recording=row.ref, had=keep)
+                await asyncio.to_thread(_truncate, fd)
+                keep, digest, head = 0, hashlib.sha256(), b""
+            size = keep
+            synced = keep
+            window_start, window_bytes = self.clock.monotonic(), 0
+            async with aiofiles.open(fd, "wb", closefd=False) as out:
+                async for chunk in stream.chunks(CHUNK_BYTES):
+                    if not head:
+                        head = chunk[:64]
+                    digest.update(chunk)
+                    await out.write(chunk)
+                    size += len(chunk)
+                    self.bytes_downloaded += len(chunk)
+                    window_bytes += len(chunk)
+                    now = self.clock.monotonic()
+                    if too_slow(window_bytes, now - window_start, self.cfg.downloads.min_bytes_per_second):
+                        raise TransferError(f"the transfer is slower than downloads.min_bytes_per_second "
+                                            f"({window_bytes} bytes in {now - window_start:.0f} s)",
+                                            recording=row.ref)
+                    if now - window_start >= THROUGHPUT_WINDOW_S:
+                        window_start, window_bytes = now, 0
+                    if size - synced >= self.cfg.downloads.checkpoint_bytes:
+                        await out.flush()
+                        await asyncio.to_thread(os.fsync, fd)
+                        synced = size
+                        await self._checkpoint(row.key, part_rel, synced)
+            expected = stream.total if stream.total is not None else (
+                stream.start + stream.length if stream.length is not None else None)
+        if expected is not None and size != expected:
+            raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
+        return size, digest.hexdigest(), head
+
+    async def _checkpoint(self, key: str, part_rel: str, synced: int) -> None:
+        await self.ledger.call(lambda db: db.set_part(key, part_rel, synced))
+
+    async def _commit(self, row: Row, dir_fd: int, rel: PurePosixPath, part: str, sha: str) -> PurePosixPath:
+        """Link the temp file to its final name; never clobber. Returns the name it ended under."""
+        name = rel.name
+        for candidate in (name, alternate_name(name, str(row.rec_id) if row.rec_id is not None else sha[:12])):
+            try:
+                if await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate):
+                    return rel.parent / candidate
+                _, existing_sha, _ = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, candidate)
+            except OSError as exc:
+                raise self._os_error(exc, f"committing {str(rel.parent / candidate)!r} failed", row) from exc
+            if existing_sha == sha:
+                await self._discard(row, dir_fd, part)
+                log.info("download.identical_exists", recording=row.ref, path=str(rel.parent / candidate))
+                return rel.parent / candidate
+            log.warning("archive.name_conflict", recording=row.ref, path=str(rel.parent / candidate),
+                        action="kept the existing file; trying another name")
+        await self._discard(row, dir_fd, part)
+        raise PermanentError(f"both {name!r} and its alternate name hold other recordings", recording=row.ref)
+
+    async def _finish(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str, size: int, sha: str, *,
+                      downloaded: bool) -> Archived:
+        now = self.clock.wall()
+        await self.ledger.call(lambda db: db.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now))
+        if served and served != row.file:
+            await self.ledger.call(lambda db: db.set_file(row.key, served))
+        if self.cfg.archive.sidecar:
+            data = sidecar_data(rec_id=row.rec_id, file=served or row.file, size=size, sha256=sha,
+                                archived_at=now, meta=row.meta)
+            try:
+                await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
+            except OSError as exc:
+                # The recording itself is safe; start-up reconciliation writes missing sidecars.
+                log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(exc))
+        log.info("download.completed", recording=row.ref, path=str(rel), size=size, downloaded=downloaded)
+        return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded)
+
+
+def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:
+    """(first bytes, sha256 object) over the first ``length`` bytes of an open temp file."""
+    digest = hashlib.sha256()
+    head = b""
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, min(1024 * 1024, length - offset), offset)
+        if not chunk:
+            raise TransferError("the temp file is shorter than its checkpoint")
+        if not head:
+            head = chunk[:64]
+        digest.update(chunk)
+        offset += len(chunk)
+    return head, digest
+
+
+def _truncate(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)

@@ -1,0 +1,367 @@
+"""The durable ledger: one SQLite row per recording, owned by one thread, shared with other processes.
+
+WAL with ``synchronous=FULL``; writes in ``BEGIN IMMEDIATE`` transactions that never span network
+I/O. ``status``, ``enqueue`` and ``retry`` open the same file from another process while ``run`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.errors import StorageError
+
+STATES = ("pending", "in_progress", "done", "failed", "missing")
+META_FIELDS = ("size", "time", "uid", "call_from", "call_to", "call_type", "duration")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS recordings (
+    key TEXT PRIMARY KEY,
+    rec_id INTEGER,
+    file TEXT,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    last_error TEXT,
+    size INTEGER, time TEXT, uid TEXT, call_from TEXT, call_to TEXT, call_type TEXT, duration INTEGER,
+    final_path TEXT, bytes INTEGER, sha256 TEXT,
+    part_path TEXT, part_synced INTEGER NOT NULL DEFAULT 0,
+    source TEXT, created_at REAL, updated_at REAL, done_at REAL
+);
+CREATE INDEX IF NOT EXISTS recordings_due ON recordings(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS recordings_file ON recordings(file);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+T = TypeVar("T")
+
+
+def key_for(rec_id: int | None, file: str | None) -> str:
+    """The ledger key: the PBX id when known, else the file name."""
+    if rec_id is not None:
+        return f"id:{rec_id}"
+    if file:
+        return f"file:{file}"
+    raise ValueError("a recording needs an id or a file name")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A recording to archive, as a source names it, with whatever PBX metadata it knows."""
+
+    rec_id: int | None = None
+    file: str | None = None
+    meta: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return key_for(self.rec_id, self.file)
+
+    def __str__(self) -> str:
+        return str(self.rec_id) if self.rec_id is not None else str(self.file)
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    rec_id: int | None
+    file: str | None
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    meta: dict[str, Any]
+    final_path: str | None
+    bytes: int | None
+    sha256: str | None
+    part_path: str | None
+    part_synced: int
+    done_at: float | None = None
+
+    @property
+    def ref(self) -> str:
+        return str(self.rec_id) if self.rec_id is not None else str(self.file)
+
+
+_ROW_COLUMNS = ("key, rec_id, file, state, attempts, next_attempt_at, last_error, "
+                + ", ".join(META_FIELDS) + ", final_path, bytes, sha256, part_path, part_synced, done_at")
+
+
+def _row(r: sqlite3.Row) -> Row:
+    return Row(key=r["key"], rec_id=r["rec_id"], file=r["file"], state=r["state"], attempts=r["attempts"],
+               next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
+               meta={f: r[f] for f in META_FIELDS if r[f] is not None}, final_path=r["final_path"],
+               bytes=r["bytes"], sha256=r["sha256"], part_path=r["part_path"], part_synced=r["part_synced"],
+               done_at=r["done_at"])
+
+
+class LedgerDb:
+    """Blocking access to the ledger. Use it from one thread only (``Ledger`` arranges that)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.existed = path.exists() and path.stat().st_size > 0
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self.conn.row_factory = sqlite3.Row
+        # busy_timeout first: a second process (status, enqueue) may hold the lock for a moment.
+        self.conn.execute("PRAGMA busy_timeout = 10000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        with self.write() as c:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken with BEGIN IMMEDIATE so that it never deadlocks on upgrade."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------- sources
+    def enqueue(self, refs: Iterable[Ref], *, source: str, now: float) -> int:
+        """Add recordings not yet known; fill in metadata of known pending ones. Returns how many were new."""
+        added = 0
+        with self.write() as c:
+            for ref in refs:
+                meta = dict(ref.meta)
+                if ref.rec_id is None and ref.file is not None:
+                    known = c.execute("SELECT 1 FROM recordings WHERE file = ? LIMIT 1", (ref.file,)).fetchone()
+                    if known is not None:
+                        continue
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, updated_at, "
+                    + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'pending', ?, ?, ?, "
+                    + ", ".join("?" * len(META_FIELDS)) + ")",
+                    (ref.key, ref.rec_id, ref.file, source, now, now, *(meta.get(f) for f in META_FIELDS)),
+                )
+                if cur.rowcount:
+                    added += 1
+                elif meta or ref.file:
+                    c.execute(
+                        "UPDATE recordings SET file = COALESCE(file, ?), "
+                        + ", ".join(f"{f} = COALESCE({f}, ?)" for f in META_FIELDS)
+                        + " WHERE key = ? AND state != 'done'",
+                        (ref.file, *(meta.get(f) for f in META_FIELDS), ref.key),
+                    )
+        return added
+
+    def enqueue_many(self, refs: list[Ref], *, source: str, now: float) -> int:
+        """Fast path for big batches of bare ids/names (the queue file): one statement, no metadata."""
+        with self.write() as c:
+            before = c.total_changes
+            ids = [(r.key, r.rec_id, r.file, source, now, now) for r in refs if r.rec_id is not None]
+            c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
+                          "updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)", ids)
+            names = [(r.key, r.file, source, now, now, r.file) for r in refs if r.rec_id is None]
+            c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
+                          "updated_at) SELECT ?, NULL, ?, 'pending', ?, ?, ? WHERE NOT EXISTS "
+                          "(SELECT 1 FROM recordings WHERE file = ?)", names)
+            return c.total_changes - before
+
+    # ---------------------------------------------------------------- the scheduler's moves
+    def claim(self, limit: int, *, now: float, lease_s: float) -> list[Row]:
+        """Take up to ``limit`` due pending rows and mark them in progress with a lease."""
+        with self.write() as c:
+            rows = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state = 'pending' AND "
+                             "next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?", (now, limit)).fetchall()
+            c.executemany("UPDATE recordings SET state = 'in_progress', lease_until = ?, updated_at = ? "
+                          "WHERE key = ?", [(now + lease_s, now, r["key"]) for r in rows])
+        return [_row(r) for r in rows]
+
+    def next_due(self) -> tuple[int, float | None]:
+        """(rows still to finish: pending + in progress, earliest next attempt of a pending row)."""
+        active = self.conn.execute(
+            "SELECT COUNT(*) FROM recordings WHERE state IN ('pending', 'in_progress')").fetchone()[0]
+        nxt = self.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM recordings WHERE state = 'pending'").fetchone()[0]
+        return int(active), nxt
+
+    def set_part(self, key: str, part_path: str | None, synced: int) -> None:
+        with self.write() as c:
+            c.execute("UPDATE recordings SET part_path = ?, part_synced = ? WHERE key = ?", (part_path, synced, key))
+
+    def set_file(self, key: str, file: str) -> None:
+        with self.write() as c:
+            c.execute("UPDATE recordings SET file = ? WHERE key = ?", (file, key))
+
+    def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float) -> None:
+        with self.write() as c:
+            c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
+                      "last_error = NULL, lease_until = NULL, part_path = NULL, part_synced = 0, "
+                      "done_at = ?, updated_at = ? WHERE key = ?", (final_path, size, sha256, now, now, key))
+
+    def reschedule(self, key: str, *, error: str, next_at: float, burn: bool, max_attempts: int, now: float) -> str:
+        """Back to pending after a failed attempt (or ``failed`` once the budget is spent). Returns the state."""
+        with self.write() as c:
+            row = c.execute("SELECT attempts FROM recordings WHERE key = ?", (key,)).fetchone()
+            attempts = (row["attempts"] if row else 0) + (1 if burn else 0)
+            state = "failed" if attempts >= max_attempts else "pending"
+            c.execute("UPDATE recordings SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                      "lease_until = NULL, updated_at = ? WHERE key = ?",
+                      (state, attempts, next_at, error[:1000], now, key))
+        return state
+
+    def release(self, key: str, *, now: float) -> None:
+        """Give a claimed row back untouched (shutdown, pause): no attempt is burnt."""
+        with self.write() as c:
+            c.execute("UPDATE recordings SET state = 'pending', lease_until = NULL, updated_at = ? "
+                      "WHERE key = ? AND state = 'in_progress'", (now, key))
+
+    def finish(self, key: str, *, state: str, error: str, now: float) -> None:
+        """End a row as ``missing`` or ``failed``."""
+        assert state in ("missing", "failed")
+        with self.write() as c:
+            c.execute("UPDATE recordings SET state = ?, last_error = ?, lease_until = NULL, part_path = NULL, "
+                      "part_synced = 0, updated_at = ? WHERE key = ?", (state, error[:1000], now, key))
+
+    # ---------------------------------------------------------------- operators
+    def retry(self, keys: list[str] | None, *, now: float) -> int:
+        """Failed rows (all, or those keyed) back to pending with a fresh attempt budget."""
+        with self.write() as c:
+            sql = ("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
+                   "WHERE state = 'failed'")
+            if keys is None:
+                return c.execute(sql, (now,)).rowcount
+            return sum(c.execute(sql + " AND key = ?", (now, k)).rowcount for k in keys)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM recordings GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    def bytes_archived(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM recordings WHERE state = 'done'")
+                   .fetchone()[0])
+
+    def recent_failures(self, limit: int = 10) -> list[Row]:
+        return [_row(r) for r in self.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state IN ('failed', 'missing') "
+            "ORDER BY updated_at DESC LIMIT ?", (limit,))]
+
+    def get(self, key: str) -> Row | None:
+        r = self.conn.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
+        return _row(r) if r else None
+
+    def rows(self, state: str | None = None) -> list[Row]:
+        if state is None:
+            return [_row(r) for r in self.conn.execute(f"SELECT {_ROW_COLUMNS} FROM recordings ORDER BY rowid")]
+        return [_row(r) for r in self.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state = ? ORDER BY rowid", (state,))]
+
+    def kv_get(self, key: str) -> str | None:
+        r = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if r is None else str(r["value"])
+
+    def kv_set(self, key: str, value: str) -> None:
+        with self.write() as c:
+            c.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                      (key, value))
+
+    # ---------------------------------------------------------------- reconciliation
+    def reset_in_progress(self, *, now: float) -> int:
+        """Rows left in progress by a process that died: back to pending, no attempt burnt."""
+        with self.write() as c:
+            return c.execute("UPDATE recordings SET state = 'pending', lease_until = NULL, updated_at = ? "
+                             "WHERE state = 'in_progress'", (now,)).rowcount
+
+    def requeue(self, key: str, *, reason: str, now: float) -> None:
+        """A done row whose file vanished: pending again, fresh budget."""
+        with self.write() as c:
+            c.execute("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, final_path = NULL, "
+                      "bytes = NULL, sha256 = NULL, last_error = ?, updated_at = ? WHERE key = ?", (reason, now, key))
+
+    def adopt(self, ref: Ref, *, final_path: str, size: int, sha256: str, now: float) -> None:
+        """Record a verified file found on disk as done (ledger rebuild)."""
+        meta = dict(ref.meta)
+        with self.write() as c:
+            c.execute(
+                "INSERT INTO recordings (key, rec_id, file, state, final_path, bytes, sha256, source, created_at, "
+                "updated_at, done_at, " + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'done', ?, ?, ?, 'rebuild', "
+                "?, ?, ?, " + ", ".join("?" * len(META_FIELDS)) + ") ON CONFLICT(key) DO UPDATE SET state = 'done', "
+                "final_path = excluded.final_path, bytes = excluded.bytes, sha256 = excluded.sha256, "
+                "done_at = excluded.done_at",
+                (ref.key, ref.rec_id, ref.file, final_path, size, sha256, now, now, now,
+                 *(meta.get(f) for f in META_FIELDS)))
+
+
+class RunLock:
+    """Only one ``run``/``once`` may drive a ledger at a time; ``status``/``enqueue``/``retry`` need no lock."""
+
+    def __init__(self, ledger_path: Path) -> None:
+        self.path = ledger_path.with_name(ledger_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise StorageError(f"another run/once is already using the ledger {str(self.path.parent)!r}") from exc
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Ledger:
+    """Async front of ``LedgerDb``: every call runs on one dedicated thread, in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._db: LedgerDb | None = None
+
+    async def __aenter__(self) -> Ledger:
+        def open_db() -> LedgerDb:
+            return LedgerDb(self.path)
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, open_db)
+        except sqlite3.Error as exc:
+            self._executor.shutdown(wait=True)
+            raise StorageError(f"cannot open the ledger {str(self.path)!r}: {exc}") from exc
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @property
+    def existed(self) -> bool:
+        return self._db is not None and self._db.existed
+
+    async def call(self, fn: Callable[[LedgerDb], T]) -> T:
+        """Run ``fn(db)`` on the ledger thread."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("ledger is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, db)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,276 @@
+"""The scheduler: claims due recordings, drives resolver and downloader, decides retry, pause and stop.
+
+Item trouble burns that item's attempts with exponential back-off and full jitter. PBX-wide or disk
+trouble pauses every worker with a growing back-off and burns nothing. A refused login stops all PBX
+calls: ``once`` ends (exit 3), ``run`` stays up and tries again only on a long interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from daemon.client import PbxClient
+from daemon.clock import Clock, sleep_or_stop
+from daemon.config import Config
+from daemon.downloader import Downloader
+from daemon.errors import (
+    ArchiverError,
+    FatalAuthError,
+    PauseError,
+    PbxBusyError,
+    PermanentError,
+    RetryableError,
+    StorageError,
+    UrlExpiredError,
+)
+from daemon.ledger import Ledger, Row
+
+log = structlog.get_logger("daemon.scheduler")
+
+LEASE_S = 3600.0
+IDLE_POLL_S = 1.0            # how soon an idle worker notices rows another process enqueued
+BUSY_BURST = 3               # consecutive PBX-busy answers that mean "the PBX", not "this item"
+PAUSE_BASE_S = 1.0
+URL_EXPIRED_DELAY_S = 1.0
+MAX_AUTH_RETRIES = 3         # automatic logins after a refusal; never near the PBX's 5-failure IP block
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rand: float) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))]; ``rand`` in [0, 1). Pure."""
+    return rand * min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+
+
+def pause_delay(streak: int, retry_after_s: float | None, cap_s: float, rand: float) -> float:
+    """How long a PBX-wide or disk pause lasts: doubling per consecutive pause, half of it jittered,
+    never shorter than the server's Retry-After (itself capped by the client). Pure."""
+    grown = min(cap_s, PAUSE_BASE_S * 2.0 ** max(0, streak - 1))
+    return max(retry_after_s or 0.0, grown * (0.5 + rand / 2))
+
+
+@dataclass
+class RunStats:
+    """What this process did, for the progress line and the summary."""
+
+    archived: int = 0
+    downloaded: int = 0
+    adopted: int = 0
+    failed: int = 0
+    missing: int = 0
+    retried: int = 0
+    bytes: int = 0
+    pauses: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Runs ``downloads.workers`` workers until ``stop`` (``run``) or until nothing is left (``once``)."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, downloader: Downloader, client: PbxClient, clock: Clock,
+                 stop: asyncio.Event, *, once: bool, rand: Callable[[], float] = random.random) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.downloader = downloader
+        self.client = client
+        self.clock = clock
+        self.stop = stop
+        self.once = once
+        self.rand = rand
+        self.stats = RunStats()
+        self.fatal: FatalAuthError | None = None
+        self.paused_until = 0.0
+        self.pause_reason: str | None = None
+        self._pause_streak = 0
+        self._probed_streak = 0
+        self._busy_streak = 0
+        self._auth_failures = 0
+        self._finished = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        """New work was enqueued: wake idle workers."""
+        self._wakeup.set()
+
+    @property
+    def paused(self) -> bool:
+        return self.clock.monotonic() < self.paused_until
+
+    async def run(self) -> RunStats:
+        """Work until stopped or finished; on stop, in-flight downloads get ``shutdown_grace_s``."""
+        workers = [asyncio.create_task(self._worker(i), name=f"worker-{i}")
+                   for i in range(self.cfg.downloads.workers)]
+        stopper = asyncio.create_task(self.stop.wait(), name="stop-waiter")
+        all_workers: asyncio.Future[list[BaseException | None]] = asyncio.gather(*workers, return_exceptions=True)
+        try:
+            watched: list[asyncio.Future[object]] = [stopper, all_workers]  # type: ignore[list-item]
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if not all_workers.done():
+                log.info("shutdown.draining", grace_s=self.cfg.service.shutdown_grace_s,
+                         in_flight=sum(not w.done() for w in workers))
+                _, pending = await asyncio.wait(workers, timeout=self.cfg.service.shutdown_grace_s)
+                for task in pending:
+                    task.cancel("shutdown grace time is over")
+                if pending:
+                    log.warning("shutdown.abandoned", transfers=len(pending))
+            await all_workers
+        finally:
+            stopper.cancel()
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(stopper, *workers, return_exceptions=True)
+        return self.stats
+
+    async def _worker(self, n: int) -> None:
+        while not self.stop.is_set() and not self._finished.is_set():
+            try:
+                await self._step()
+            except Exception as exc:
+                # The ledger or the archive failed outside any one recording (SQLite disk full, say):
+                # pause everything rather than lose a worker.
+                log.exception("worker.error", worker=n)
+                self._pause(StorageError(f"{type(exc).__name__}: {exc}"), "StorageError")
+
+    async def _step(self) -> None:
+        """One turn of a worker: wait out a pause, or claim and process one row, or idle briefly."""
+        if self.paused:
+            await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
+            self._after_pause()
+            return
+        now = self.clock.wall()
+        rows = await self.ledger.call(lambda db: db.claim(1, now=now, lease_s=LEASE_S))
+        if not rows:
+            active, next_at = await self.ledger.call(lambda db: db.next_due())
+            if self.once and active == 0:
+                self._finished.set()
+                return
+            wait = IDLE_POLL_S if next_at is None else min(IDLE_POLL_S, max(0.0, next_at - self.clock.wall()))
+            await sleep_or_stop(self.clock, wait, self.stop, self._finished, self._wakeup)
+            self._wakeup.clear()
+            return
+        await self._process(rows[0])
+
+    def _after_pause(self) -> None:
+        if self.paused or self.pause_reason is None:
+            return
+        if self.fatal is not None and not self.once:
+            if self._auth_failures > MAX_AUTH_RETRIES:
+                return
+            # One more login attempt, on a long interval: never a loop towards the PBX's IP block.
+            self.client.tokens.clear_fatal()
+            self.fatal = None
+        if self._probed_streak != self._pause_streak:
+            self._probed_streak = self._pause_streak
+            log.info("pipeline.probing", after=self.pause_reason)
+
+    async def _process(self, row: Row) -> None:
+        bound = log.bind(recording=row.ref)
+        try:
+            result = await self.downloader.archive_row(row)
+        except asyncio.CancelledError:
+            await self._release(row)
+            raise
+        except FatalAuthError as exc:
+            await self._release(row)
+            self._on_fatal(exc)
+        except PauseError as exc:
+            await self._release(row)
+            self._pause(exc, type(exc).__name__)
+        except UrlExpiredError as exc:
+            await self._reschedule(row, exc, URL_EXPIRED_DELAY_S, burn=False)
+        except PermanentError as exc:
+            now, state, error = self.clock.wall(), exc.state, str(exc)
+            await self.ledger.call(lambda db: db.finish(row.key, state=state, error=error, now=now))
+            if exc.state == "missing":
+                self.stats.missing += 1
+                bound.warning("download.missing", reason=str(exc))
+            else:
+                self.stats.failed += 1
+                bound.error("download.failed", reason=str(exc), permanent=True)
+        except PbxBusyError as exc:
+            self._busy_streak += 1
+            if self._busy_streak >= BUSY_BURST:
+                # Several items in a row hit PBX trouble: the PBX is the problem, not the items.
+                await self._release(row)
+                self._pause(exc, "PbxBusyError")
+            else:
+                await self._reschedule(row, exc, exc.retry_after_s, burn=True)
+        except RetryableError as exc:
+            await self._reschedule(row, exc, exc.retry_after_s, burn=True)
+        except ArchiverError as exc:
+            await self._reschedule(row, exc, None, burn=True)
+        except Exception as exc:  # a bug: log it fully, burn an attempt so that it cannot spin
+            bound.exception("download.unexpected_error")
+            await self._reschedule(row, exc, None, burn=True)
+        else:
+            self._busy_streak = 0
+            self._auth_failures = 0
+            if self._pause_streak:
+                log.info("pipeline.resumed", after=self.pause_reason)
+                self._pause_streak = 0
+                self.pause_reason = None
+            self.stats.archived += 1
+            self.stats.bytes += result.size if result.downloaded else 0
+            if result.downloaded:
+                self.stats.downloaded += 1
+            else:
+                self.stats.adopted += 1
+
+    async def _release(self, row: Row) -> None:
+        now = self.clock.wall()
+        await asyncio.shield(self.ledger.call(lambda db: db.release(row.key, now=now)))
+
+    async def _reschedule(self, row: Row, exc: BaseException, retry_after_s: float | None, *, burn: bool) -> None:
+        attempt = row.attempts + (1 if burn else 0)
+        delay = backoff_delay(attempt, self.cfg.downloads.backoff_base_s, self.cfg.downloads.backoff_max_s,
+                              self.rand())
+        delay = max(delay, retry_after_s or 0.0)
+        now = self.clock.wall()
+        error = f"{type(exc).__name__}: {exc}"
+        name = type(exc).__name__
+        self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+        state = await self.ledger.call(lambda db: db.reschedule(
+            row.key, error=error, next_at=now + delay, burn=burn, max_attempts=self.cfg.downloads.max_attempts,
+            now=now))
+        if state == "failed":
+            self.stats.failed += 1
+            log.error("download.failed", recording=row.ref, attempts=attempt, reason=error)
+        else:
+            self.stats.retried += 1
+            log.info("download.retry", recording=row.ref, attempt=attempt, burnt=burn, retry_in_s=round(delay, 2),
+                     reason=error)
+
+    def _pause(self, exc: ArchiverError, reason: str) -> None:
+        retry_after = exc.retry_after_s if isinstance(exc, PauseError | RetryableError) else None
+        now = self.clock.monotonic()
+        if now < self.paused_until:
+            return  # already paused: one outage is one step of the back-off, whatever the worker count
+        self._pause_streak += 1
+        self.stats.pauses += 1
+        delay = pause_delay(self._pause_streak, retry_after, self.cfg.downloads.pause_max_s, self.rand())
+        self.paused_until = now + delay
+        self.pause_reason = reason
+        log.warning("pipeline.paused", reason=reason, retry_in_s=round(delay, 2), error=str(exc))
+
+    def _on_fatal(self, exc: FatalAuthError) -> None:
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        self._auth_failures += 1
+        if self.once:
+            log.error("auth.fatal_stop", reason=str(exc))
+            self._finished.set()
+            return
+        if self._auth_failures > MAX_AUTH_RETRIES:
+            log.error("auth.gave_up", reason=str(exc), retries=MAX_AUTH_RETRIES,
+                      action="no more logins until restart; fix the PBX side, then restart the service")
+            self.paused_until = float("inf")
+            self.pause_reason = "FatalAuthError"
+            return
+        interval = self.cfg.pbx.auth_retry_interval_s
+        self.paused_until = self.clock.monotonic() + interval
+        self.pause_reason = "FatalAuthError"
+        log.error("auth.refused", reason=str(exc), retry_in_s=interval)

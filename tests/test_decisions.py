@@ -1,0 +1,187 @@
+"""The pipeline's pure decisions, as tables: names, layout, audio, back-off, pauses, URL expiry, refs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import PurePosixPath
+
+import pytest
+
+from daemon.archive import Naming, alternate_name, final_relpath, is_safe_name, looks_like_audio
+from daemon.client import DownloadUrl
+from daemon.downloader import too_slow, verification_problem
+from daemon.ledger import Ref
+from daemon.resolver import RequestGate, url_needs_refresh
+from daemon.scheduler import backoff_delay, pause_delay
+from daemon.simulator import HOSTILE_NAMES
+from daemon.sources import parse_lines, parse_ref
+
+NOW = dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+GOOD = "20220412173331-1649756009.12-2002-2005-Internal.wav"
+
+
+@pytest.mark.parametrize(("name", "safe"), [
+    (GOOD, True),
+    ("20220412173331-1649756009.12-+4930123-2005-Inbound.mp3", True),
+    ("a@b_c.wav", True),
+    ("x.WAV", False),                 # one extension, .wav or .mp3, as the PBX writes it
+    ("x.wav.mp3", False),
+    ("x.ogg", False),
+    (".wav", False),
+    ("../../x.wav", False),
+    ("a/b.wav", False),
+    ("/etc/passwd.wav", False),
+    ("x" * 197 + ".wav", False),      # 201 characters
+    ("x" * 196 + ".wav", True),       # 200 characters
+    (".", False),
+    ("-rf.wav", False),
+    ("nul\x00byte.wav", False),
+    ("sp ace.wav", False),
+    ("", False),
+])
+def test_is_safe_name(name: str, safe: bool) -> None:
+    assert is_safe_name(name) is safe
+
+
+@pytest.mark.parametrize(("layout", "naming", "expected"), [
+    ("{year}/{month}/{day}/{file}", Naming(614, GOOD, "Internal"), f"2022/04/12/{GOOD}"),
+    ("{call_type}/{stem}.{ext}", Naming(614, GOOD, "Internal"), f"Internal/{GOOD[:-4]}.wav"),
+    ("{call_type}/{id}.{ext}", Naming(614, GOOD, "Sneaky/../x"), "unknown/614.wav"),
+    ("{year}/{month}/{day}/{file}", Naming(7, "../../x.wav"), "2026/03/04/7.wav"),
+    ("{year}/{month}/{day}/{file}", Naming(7, "a/b.mp3"), "2026/03/04/7.mp3"),
+    ("{year}/{month}/{day}/{file}", Naming(7, "x" * 296 + ".wav"), "2026/03/04/7.wav"),
+    ("{year}/{month}/{day}/{file}", Naming(7, "20221399999999-1.2-3-Inbound.wav"),   # month 13: not a date
+     "2026/03/04/20221399999999-1.2-3-Inbound.wav"),
+    ("{file}", Naming(None, "../evil.wav"), "file-"),
+])
+def test_final_relpath_never_leaves_the_archive(layout: str, naming: Naming, expected: str) -> None:
+    rel = final_relpath(layout, naming, NOW)
+    assert not rel.is_absolute() and ".." not in rel.parts
+    assert str(rel).startswith(expected)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_NAMES)
+def test_every_hostile_simulator_name_gets_an_id_name(hostile: str) -> None:
+    rel = final_relpath("{year}/{month}/{day}/{file}", Naming(42, hostile), NOW)
+    assert rel.name in ("42.wav", "42.mp3")
+    assert len(rel.parts) == 4
+
+
+def test_alternate_name_keeps_the_extension() -> None:
+    assert alternate_name("a.b.wav", "614") == "a.b~614.wav"
+
+
+@pytest.mark.parametrize(("head", "audio"), [
+    (b"RIFF\x00\x00\x00\x00WAVEfmt ", True),
+    (b"ID3\x04\x00", True),
+    (b"\xff\xfb\x90\x64", True),
+    (b"\xff\xf3", True),
+    (b'{"errcode":-2}', False),
+    (b"<html>", False),
+    (b"RIFF\x00\x00\x00\x00AVI ", False),
+    (b"", False),
+])
+def test_looks_like_audio(head: bytes, audio: bool) -> None:
+    assert looks_like_audio(head) is audio
+
+
+@pytest.mark.parametrize(("size", "head", "listing", "problem"), [
+    (1000, b"RIFF1234WAVE", None, None),
+    (1000, b"RIFF1234WAVE", 1000, None),
+    (999, b"RIFF1234WAVE", 1000, "lists 1000"),
+    (0, b"", None, "empty"),
+    (50, b"<html>", None, "not audio"),
+])
+def test_verification_problem(size: int, head: bytes, listing: int | None, problem: str | None) -> None:
+    result = verification_problem(size, head, listing)
+    assert (result is None) if problem is None else (problem in (result or ""))
+
+
+@pytest.mark.parametrize(("window_bytes", "window_s", "floor", "slow"), [
+    (30 * 1024, 30, 1024, False),
+    (30 * 1024 - 1, 30, 1024, True),
+    (0, 29.9, 1024, False),        # the window is not over yet
+    (0, 60, 0, False),             # floor disabled
+])
+def test_too_slow(window_bytes: int, window_s: float, floor: int, slow: bool) -> None:
+    assert too_slow(window_bytes, window_s, floor) is slow
+
+
+@pytest.mark.parametrize(("attempt", "rand", "expected"), [
+    (1, 0.5, 1.0), (2, 0.5, 2.0), (3, 0.999, 8 * 0.999), (10, 1.0, 60.0), (1, 0.0, 0.0),
+])
+def test_backoff_is_exponential_with_full_jitter_and_a_cap(attempt: int, rand: float, expected: float) -> None:
+    assert backoff_delay(attempt, base_s=2.0, cap_s=60.0, rand=rand) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("streak", "retry_after", "rand", "expected"), [
+    (1, None, 0.0, 0.5), (1, None, 1.0, 1.0), (4, None, 1.0, 8.0), (20, None, 1.0, 300.0),
+    (1, 600.0, 0.0, 600.0), (20, None, 0.0, 150.0),
+])
+def test_pause_grows_and_honours_retry_after(streak: int, retry_after: float | None, rand: float,
+                                             expected: float) -> None:
+    assert pause_delay(streak, retry_after, cap_s=300.0, rand=rand) == pytest.approx(expected)
+
+
+def _url(issued: float, expires: float) -> DownloadUrl:
+    return DownloadUrl(file="a.wav", url="http://x/api/download/a", issued_at=issued, expires_at=expires)
+
+
+@pytest.mark.parametrize(("now", "url", "margin", "refresh"), [
+    (0.0, None, 120, True),
+    (100.0, _url(0, 1800), 120, False),
+    (1679.9, _url(0, 1800), 120, False),
+    (1680.0, _url(0, 1800), 120, True),
+    (2000.0, _url(0, 1800), 120, True),
+    (0.9, _url(0, 2), 120, False),     # tiny lifetimes: margin is at most half
+    (1.0, _url(0, 2), 120, True),
+])
+def test_url_needs_refresh(now: float, url: DownloadUrl | None, margin: float, refresh: bool) -> None:
+    assert url_needs_refresh(now, url, margin) is refresh
+
+
+@pytest.mark.parametrize(("configured", "seen", "exclusive_before", "exclusive_after"), [
+    ("auto", "x.wav", True, False),
+    ("auto", "x.mp3", True, True),
+    ("wav", "x.mp3", False, False),
+    ("mp3", "x.wav", True, True),
+])
+def test_request_gate(configured: str, seen: str, exclusive_before: bool, exclusive_after: bool) -> None:
+    gate = RequestGate(configured)
+    assert gate.exclusive is exclusive_before
+    gate.learn(seen)
+    assert gate.exclusive is exclusive_after
+
+
+def test_request_gate_mp3_is_sticky_in_auto() -> None:
+    gate = RequestGate("auto")
+    gate.learn("a.mp3")
+    gate.learn("b.wav")
+    assert gate.exclusive
+
+
+@pytest.mark.parametrize(("text", "ref"), [
+    ("1727", Ref(rec_id=1727)),
+    ("  1727  ", Ref(rec_id=1727)),
+    ("0", None),
+    ("-3", None),
+    ("17x", None),
+    ("١٢", None),                      # non-ASCII digits are not ids
+    (GOOD, Ref(file=GOOD)),
+    ("a+b.MP3", Ref(file="a+b.MP3")),
+    ("notes.txt", None),
+    (".wav", None),
+    ("", None),
+])
+def test_parse_ref(text: str, ref: Ref | None) -> None:
+    assert parse_ref(text) == ref
+
+
+def test_parse_lines_skips_comments_and_reports_bad_lines_by_number() -> None:
+    parsed = parse_lines(["# header", "", "1727", "  bogus  ", "x.wav", "12 13"], first_lineno=1)
+    assert parsed.refs == [Ref(rec_id=1727), Ref(file="x.wav")]
+    assert parsed.bad == [(4, "bogus"), (6, "12 13")]
+
+
+def test_final_relpath_uses_the_utc_date_when_the_name_has_none() -> None:
+    assert final_relpath("{year}/{month}/{day}/{file}", Naming(9, None), NOW) == PurePosixPath("2026/03/04/9.wav")
