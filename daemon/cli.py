@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import shutil
 import signal
@@ -19,6 +20,7 @@ from daemon import __version__
 from daemon.client import PbxClient
 from daemon.clock import SystemClock, sleep_or_stop
 from daemon.config import Config, config_path, load_config
+from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER, KV_LAST_EVENT, KV_LAST_POLL, KV_LAST_SWEEP, Backfill
 from daemon.errors import (
     EXIT_AUTH,
     EXIT_CONFIG,
@@ -94,6 +96,7 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"probability of the {name} fault [0]")
     p.add_argument("--stall-s", type=float, default=d.stall_s, help="how long a stall lasts, s")
     p.add_argument("--bytes-per-second", type=int, default=0, help="pace each transfer (0: unpaced) [0]")
+    p.add_argument("--new-every", type=float, default=0.0, help="a new recording every S seconds (0: never) [0]")
 
 
 def simulator_options(args: argparse.Namespace) -> SimOptions:
@@ -105,6 +108,7 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
         http500_rate=args.http500_rate, errcode_rate=args.errcode_rate, busy_rate=args.busy_rate,
         cut_rate=args.cut_rate, stall_rate=args.stall_rate, json_body_rate=args.json_body_rate,
         url_expired_rate=args.url_expired_rate, bytes_per_second=args.bytes_per_second,
+        new_every_s=args.new_every,
         stall_s=args.stall_s,
     )
 
@@ -270,7 +274,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         db = _open_db(cfg)
         try:
             data = {
-                "counts": db.counts(), "bytes_archived": db.bytes_archived(),
+                "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
                 "recent_failures": [{"recording": r.ref, "state": r.state, "attempts": r.attempts,
                                      "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
                 "ledger": str(cfg.state.path), "ledger_exists": True,
@@ -284,11 +288,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"ledger: {data['ledger']}")
     print("  " + "  ".join(f"{state}: {c[state]}" for state in STATES))
     print(f"  archived: {data['bytes_archived'] / 1e6:.1f} MB")
+    disc = data.get("discovery") or {}
+    if disc:
+        backfill = disc.get("backfill") or {}
+        print(f"discovery: newest id seen {disc.get('high_water')}, back-fill "
+              f"{'done' if backfill.get('done') else 'at page ' + str(backfill.get('page'))}, "
+              f"last poll {disc.get('last_poll_at') or 'never'}, last event {disc.get('last_event_at') or 'never'}, "
+              f"last sweep {disc.get('last_sweep_at') or 'never'}")
     if data["recent_failures"]:
         print("recent failures:")
         for f in data["recent_failures"]:
             print(f"  {f['recording']}  {f['state']}  attempts={f['attempts']}  {f['error']}")
     return EXIT_OK
+
+
+def discovery_status(db: LedgerDb) -> dict[str, Any]:
+    """The discovery checkpoint and its last activity, as status shows them ({} if never run)."""
+    high = db.kv_get(KV_HIGH_WATER)
+    if high is None:
+        return {}
+
+    def when(key: str) -> str | None:
+        value = db.kv_get(key)
+        return None if value is None else dt.datetime.fromtimestamp(float(value), dt.UTC).isoformat(
+            timespec="seconds")
+    backfill = Backfill.load(db.kv_get(KV_BACKFILL))
+    return {"high_water": int(high), "backfill": None if backfill is None else vars(backfill),
+            "last_poll_at": when(KV_LAST_POLL), "last_event_at": when(KV_LAST_EVENT),
+            "last_sweep_at": when(KV_LAST_SWEEP)}
 
 
 def _parse_refs(texts: list[str]) -> list[Ref]:

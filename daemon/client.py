@@ -275,6 +275,13 @@ class TokenManager:
         if self._access == stale:
             self._access_expires_at = -math.inf
 
+    def seconds_until_renewal(self) -> float:
+        """How long the current token stays fresh (0 when it is due or absent)."""
+        if self._access is None:
+            return 0.0
+        due = self._access_expires_at - min(self._cfg.token_refresh_margin_s, self._lifetime_s / 2)
+        return max(0.0, due - self._clock.monotonic())
+
     def clear_fatal(self) -> None:
         """Allow one more login after a fatal auth error (``run`` does this on a long interval)."""
         self._fatal = None
@@ -563,6 +570,55 @@ class PbxClient:
         if head == b"<":
             raise TransferError("the PBX sent an HTML page in place of the recording", recording=recording)
         return first
+
+    # ---------------------------------------------------------------- events
+    async def events(self, topics: list[int], *, heartbeat_s: float = 30.0,
+                     session_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Events from the PBX WebSocket (``{api}/subscribe``), heartbeat included.
+
+        Ends after ``session_s`` (default: until the token is due for renewal) so that the caller
+        reconnects with a fresh token; raises PbxUnavailableError when the socket fails or closes.
+        """
+        token = await self.tokens.token()
+        base = self.cfg.api_base
+        url = ("wss://" + base.removeprefix("https://")) if base.startswith("https://") else \
+            ("ws://" + base.removeprefix("http://"))
+        lifetime = session_s if session_s is not None else self.tokens.seconds_until_renewal()
+        deadline = self.clock.monotonic() + max(lifetime, heartbeat_s)
+        try:
+            with translate_errors("event subscription"):
+                ws = await self.session.ws_connect(f"{url}/subscribe", params={"access_token": token},
+                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5.0), autoping=True)
+        except PbxUnavailableError as exc:
+            if isinstance(exc.__cause__, aiohttp.WSServerHandshakeError):
+                # The PBX answered with an envelope instead of upgrading: most likely the token.
+                self.tokens.invalidate(token)
+                raise PbxBusyError("the PBX refused the event subscription") from exc
+            raise
+        async with ws:
+            await ws.send_str(json.dumps({"topic_list": topics}))
+            log.info("events.subscribed", topics=topics)
+            while self.clock.monotonic() < deadline:
+                with translate_errors("event subscription"):
+                    try:
+                        msg = await ws.receive(timeout=heartbeat_s)
+                    except TimeoutError:
+                        await ws.send_str("heartbeat")
+                        continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    text = str(msg.data)
+                    if text.strip().lower().startswith("heartbeat"):
+                        continue
+                    try:
+                        event = json.loads(text)
+                    except json.JSONDecodeError:
+                        log.warning("events.unreadable", size=len(text))
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                                  aiohttp.WSMsgType.ERROR):
+                    raise PbxUnavailableError("the PBX closed the event subscription")
 
     async def check(self) -> RecordingPage:
         """Log in and list one recording: proves URL, TLS, credentials and permission."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import stat
@@ -78,10 +79,26 @@ class PbxConfig:
 
 
 @dataclass(frozen=True)
+class DiscoverConfig:
+    enabled: bool = False
+    interval_s: float = 300.0
+    page_size: int = 100
+    since_id: int | None = None
+    since_date: str | None = None          # YYYY-MM-DD, compared with the file name's date prefix
+    overlap_ids: int = 100
+    sweep_interval_s: float = 86400.0
+    events: bool = False
+    heartbeat_s: float = 30.0
+    call_types: tuple[str, ...] = ()
+    min_duration_s: int = 0
+
+
+@dataclass(frozen=True)
 class SourcesConfig:
     ids: tuple[int, ...] = ()
     queue_file: Path | None = None
     queue_poll_interval_s: float = 1.0
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
 
 
 @dataclass(frozen=True)
@@ -305,6 +322,51 @@ def _layout(value: Any) -> str:
     return text
 
 
+def _since(value: Any) -> int | str | None:
+    """A recording id (int > 0), a date YYYY-MM-DD, or null for everything."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError
+        return value
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    text = _text(value).strip()
+    dt.date.fromisoformat(text)
+    return text
+
+
+def _call_types(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError
+    allowed = {"inbound": "Inbound", "outbound": "Outbound", "internal": "Internal"}
+    return tuple(allowed[str(v).lower()] for v in value)
+
+
+def _discover(d: _Reader) -> DiscoverConfig:
+    no_since: int | str | None = None
+    since = d.get("since", _since, no_since, "a recording id such as 1700, or a date such as 2024-01-31")
+    cfg = DiscoverConfig(
+        enabled=d.get("enabled", _bool, False, "true or false"),
+        interval_s=d.get("interval_s", _number, 300.0, "seconds >= 1", check=lambda v: v >= 1),
+        page_size=d.get("page_size", _int, 100, "an integer from 1 to 1000", check=lambda v: 1 <= v <= 1000),
+        since_id=since if isinstance(since, int) else None,
+        since_date=since if isinstance(since, str) else None,
+        overlap_ids=d.get("overlap_ids", _int, 100, "an integer >= 0", check=non_negative),
+        sweep_interval_s=d.get("sweep_interval_s", _number, 86400.0, "seconds >= 60", check=lambda v: v >= 60),
+        events=d.get("events", _bool, False, "true or false"),
+        heartbeat_s=d.get("heartbeat_s", _number, 30.0, "seconds from 1 to 55 (the PBX wants one within 60 s)",
+                          check=lambda v: 1 <= v <= 55),
+        call_types=d.get("call_types", _call_types, (), "a list of Inbound, Outbound, Internal"),
+        min_duration_s=d.get("min_duration_s", _int, 0, "seconds >= 0", check=non_negative),
+    )
+    d.finish()
+    return cfg
+
+
 def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[str]) -> str:
     """The secret in ``path``, stripped of surrounding whitespace; problems are appended, not raised."""
     try:
@@ -384,6 +446,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     ids = src.get("ids", _ids, no_ids, "a list of positive recording ids such as [1727, 1728]")
     queue_file = src.path_value("queue_file", None, "a path to the queue file")
     queue_poll = src.get("queue_poll_interval_s", _number, 1.0, "seconds > 0", check=positive)
+    discover = _discover(src.section("discover"))
     src.finish()
 
     arc = top.section("archive")
@@ -448,7 +511,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
             client_secret=Secret(secret_value.strip()), client_secret_file=secret_file,
             tls=TlsConfig(verify=verify, ca_file=ca_file), **pbx_cfg_kwargs,  # type: ignore[arg-type]
         ),
-        sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll),
+        sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll, discover=discover),
         archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free),
         state=StateConfig(path=state_path),
         downloads=downloads,

@@ -148,6 +148,15 @@ class LedgerDb:
                     known = c.execute("SELECT 1 FROM recordings WHERE file = ? LIMIT 1", (ref.file,)).fetchone()
                     if known is not None:
                         continue
+                elif ref.file is not None:
+                    # The same recording, named by file earlier (an event, the queue file): the id row
+                    # with its metadata replaces a file row still waiting; one being worked on wins.
+                    by_name = c.execute("SELECT state FROM recordings WHERE key = ?",
+                                        (key_for(None, ref.file),)).fetchone()
+                    if by_name is not None and by_name["state"] in ("in_progress", "done", "missing"):
+                        continue
+                    if by_name is not None:
+                        c.execute("DELETE FROM recordings WHERE key = ?", (key_for(None, ref.file),))
                 cur = c.execute(
                     "INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, updated_at, "
                     + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'pending', ?, ?, ?, "

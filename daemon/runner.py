@@ -12,10 +12,11 @@ import structlog
 
 from daemon.archive import ArchiveDir
 from daemon.client import PbxClient
-from daemon.clock import Clock, SystemClock
+from daemon.clock import Clock, SystemClock, sleep_or_stop
 from daemon.config import Config
+from daemon.discovery import Discovery
 from daemon.downloader import Downloader
-from daemon.errors import FatalAuthError
+from daemon.errors import ArchiverError, FatalAuthError
 from daemon.ledger import Ledger, Ref, RunLock
 from daemon.reconcile import ReconcileReport, reconcile
 from daemon.resolver import RequestGate, Resolver
@@ -23,6 +24,8 @@ from daemon.scheduler import RunStats, Scheduler
 from daemon.sources import QueueTail, follow_queue
 
 log = structlog.get_logger("daemon.runner")
+
+DISCOVER_ONCE_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,13 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                 downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive)
                 scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once)
                 background = await _start_sources(cfg, ledger, scheduler, clock, stop, once=once)
+                discovery_fatal = None
+                if cfg.sources.discover.enabled:
+                    discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify)
+                    if once:
+                        discovery_fatal = await _discover_once(discovery, clock, stop)
+                    else:
+                        background.append(asyncio.create_task(_guarded(discovery.run(stop)), name="discovery"))
                 done = asyncio.Event()
                 reporter = None if progress is None else asyncio.create_task(
                     progress(Pipeline(ledger, scheduler, downloader), done), name="progress")
@@ -85,7 +95,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                     done.set()  # the reporter draws its final line, then ends
                     if reporter is not None:
                         await asyncio.gather(reporter, return_exceptions=True)
-                fatal = scheduler.fatal
+                fatal = scheduler.fatal or discovery_fatal
             counts = await ledger.call(lambda db: db.counts())
     finally:
         lock.release()
@@ -114,6 +124,22 @@ async def _start_sources(cfg: Config, ledger: Ledger, scheduler: Scheduler, cloc
         return []
     return [asyncio.create_task(_guarded(follow_queue(tail, enqueue, clock, cfg.sources.queue_poll_interval_s,
                                                       stop)), name="queue-tail")]
+
+
+async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> FatalAuthError | None:
+    """Queue everything the PBX holds before ``once`` works it off; PBX trouble is retried a few times."""
+    for attempt in range(1, DISCOVER_ONCE_TRIES + 1):
+        try:
+            await discovery.run_once()
+            return None
+        except FatalAuthError as exc:
+            return exc
+        except ArchiverError as exc:
+            log.warning("discover.once_failed", attempt=attempt, error=str(exc))
+            if attempt == DISCOVER_ONCE_TRIES or await sleep_or_stop(clock, 2.0 ** attempt, stop):
+                log.error("discover.gave_up", action="archiving what is queued so far")
+                return None
+    return None
 
 
 async def _guarded(coro: Awaitable[None]) -> None:

@@ -62,6 +62,9 @@ class SimOptions:
     json_body_errcode: int = -2
     url_expired_rate: float = 0.0
     bytes_per_second: int = 0          # per transfer; 0 = as fast as loopback goes
+    new_every_s: float = 0.0           # a new recording (and a 30012 event) this often; 0 = never
+    grow_on_list: int = 0              # recordings added after each recording/list answer (insertions mid-paging)
+    ws_idle_s: float = 60.0            # close a WebSocket that sent no heartbeat for this long
 
 
 @dataclass(frozen=True)
@@ -77,35 +80,37 @@ class Recording:
     call_type: str
 
     def listing(self) -> dict[str, Any]:
-        return asdict(self)
+        # Newer firmware adds archive fields; the archiver must tolerate keys it does not use.
+        return {**asdict(self), "archive_status": "unarchived"}
+
+
+def make_recording(opts: SimOptions, n: int) -> Recording:
+    """The simulated PBX's ``n``-th recording (0-based), fully determined by the options."""
+    base = dt.datetime(2022, 1, 12, 9, 0, 0, tzinfo=dt.UTC)
+    ext = "mp3" if opts.format == "mp3" else "wav"
+    rid = opts.first_id + n
+    rng = random.Random(f"{opts.seed}:meta:{rid}")
+    when = base + dt.timedelta(seconds=n * 97 + rng.randint(0, 60))
+    call_type = rng.choice(("Inbound", "Outbound", "Internal"))
+    ext_no = str(rng.randint(2000, 2099))
+    # Outside numbers carry a '+', which must survive URL encoding of file= lookups.
+    far = f"+49{rng.randint(100000000, 999999999)}" if call_type != "Internal" else str(rng.randint(2000, 2099))
+    src, dst = (far, ext_no) if call_type == "Inbound" else (ext_no, far)
+    name = f"{when:%Y%m%d%H%M%S}-{int(when.timestamp())}.{n}-{src}-{dst}-{call_type}.{ext}"
+    if opts.hostile_names and n < len(HOSTILE_NAMES):
+        name = HOSTILE_NAMES[n]
+    size = rng.randint(opts.size_min, max(opts.size_min, opts.size_max))
+    return Recording(
+        id=rid, file=name, size=size, time=f"{when:%m/%d/%Y %H:%M:%S}",
+        uid=f"{when:%Y%m%d%H%M%S}{rng.randint(10000, 99999)}",
+        call_from=f"Caller {src}<{src}>", call_to=f"Callee {dst}<{dst}>",
+        duration=max(1, size // 16000), call_type=call_type,
+    )
 
 
 def make_recordings(opts: SimOptions) -> list[Recording]:
-    """The simulated PBX's recordings, fully determined by the options."""
-    recs = []
-    base = dt.datetime(2022, 1, 12, 9, 0, 0, tzinfo=dt.UTC)
-    ext = "mp3" if opts.format == "mp3" else "wav"
-    for n in range(opts.count):
-        rid = opts.first_id + n
-        rng = random.Random(f"{opts.seed}:meta:{rid}")
-        when = base + dt.timedelta(seconds=n * 97 + rng.randint(0, 60))
-        call_type = rng.choice(("Inbound", "Outbound", "Internal"))
-        ext_no = str(rng.randint(2000, 2099))
-        # Outside numbers carry a '+', which must survive URL encoding of file= lookups.
-        far = f"+49{rng.randint(100000000, 999999999)}" if call_type != "Internal" else str(rng.randint(2000, 2099))
-        src, dst = (far, ext_no) if call_type == "Inbound" else (ext_no, far)
-        unique = f"{int(when.timestamp())}.{n}"
-        name = f"{when:%Y%m%d%H%M%S}-{unique}-{src}-{dst}-{call_type}.{ext}"
-        if opts.hostile_names and n < len(HOSTILE_NAMES):
-            name = HOSTILE_NAMES[n]
-        size = rng.randint(opts.size_min, max(opts.size_min, opts.size_max))
-        recs.append(Recording(
-            id=rid, file=name, size=size, time=f"{when:%m/%d/%Y %H:%M:%S}",
-            uid=f"{when:%Y%m%d%H%M%S}{rng.randint(10000, 99999)}",
-            call_from=f"Caller {src}<{src}>", call_to=f"Callee {dst}<{dst}>",
-            duration=max(1, size // 16000), call_type=call_type,
-        ))
-    return recs
+    """The recordings the simulated PBX holds when it starts."""
+    return [make_recording(opts, n) for n in range(opts.count)]
 
 
 def audio_header(fmt: str, size: int) -> bytes:
@@ -173,6 +178,9 @@ class _Counters:
     faults: Counter[str] = field(default_factory=Counter)
     bytes_served: int = 0
     range_requests: int = 0
+    ws_connections: int = 0
+    ws_heartbeats: int = 0
+    events_sent: int = 0
     transfers_completed: Counter[int] = field(default_factory=Counter)
 
 
@@ -207,8 +215,11 @@ class Simulator:
         self.blocked_ips: set[str] = set()
         self.counters = _Counters()
         self.rng = random.Random(self.opts.seed)
+        self.websockets: set[web.WebSocketResponse] = set()
+        self.list_queries: list[tuple[int, str]] = []  # (page, order) of every recording/list answered
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
+        self._grower: asyncio.Task[None] | None = None
         self.base_url = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -224,9 +235,40 @@ class Simulator:
         bound_port = sock.getsockname()[1]
         scheme = "https" if ssl_context is not None else "http"
         self.base_url = f"{scheme}://{host}:{bound_port}"
+        if self.opts.new_every_s > 0 and self._grower is None:
+            self._grower = asyncio.create_task(self._grow())
         return self.base_url
 
+    async def _grow(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.new_every_s)
+            await self.add_recording()
+
+    async def add_recording(self) -> Recording:
+        """A call just ended: a new recording appears, and subscribers get a 30012 event."""
+        rec = make_recording(self.opts, len(self.recordings))
+        self.recordings.append(rec)
+        self.by_id[rec.id] = rec
+        self.by_file[rec.file] = rec
+        msg = json.dumps({"call_id": f"{rec.uid}", "uid": rec.uid, "recording": rec.file,
+                          "call_from": rec.call_from, "call_to": rec.call_to, "type": rec.call_type})
+        event = json.dumps({"type": 30012, "sn": "SIM0000000001", "msg": msg})
+        for ws in list(self.websockets):
+            if not ws.closed:
+                await ws.send_str(event)
+                self.counters.events_sent += 1
+        return rec
+
+    async def drop_websockets(self) -> None:
+        for ws in list(self.websockets):
+            await ws.close()
+
     async def stop(self) -> None:
+        if self._grower is not None:
+            self._grower.cancel()
+            await asyncio.gather(self._grower, return_exceptions=True)
+            self._grower = None
+        await self.drop_websockets()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -253,7 +295,8 @@ class Simulator:
             "bad_user_agent": c.bad_user_agent, "expired_token_hits": c.expired_token_hits,
             "in_flight": c.in_flight, "max_concurrency": c.max_concurrency,
             "mp3_violations": c.mp3_violations, "faults": dict(c.faults), "bytes_served": c.bytes_served,
-            "range_requests": c.range_requests,
+            "range_requests": c.range_requests, "ws_connections": c.ws_connections,
+            "ws_heartbeats": c.ws_heartbeats, "events_sent": c.events_sent, "recordings": len(self.recordings),
             "transfers_completed": {str(k): v for k, v in c.transfers_completed.items()},
         }
 
@@ -267,6 +310,7 @@ class Simulator:
         app.router.add_get(f"{API}/recording/search", self.recording_search)
         app.router.add_get(f"{API}/recording/download", self.recording_download)
         app.router.add_get("/api/download/{name}", self.file_download)
+        app.router.add_get(f"{API}/subscribe", self.subscribe)
         app.router.add_get("/_sim/counters", self.sim_counters)
         app.router.add_post("/_sim/control", self.sim_control)
         return app
@@ -394,7 +438,37 @@ class Simulator:
     async def recording_list(self, request: web.Request) -> web.Response:
         if not self._token_ok(request):
             return _error(10004)
-        return self._api_fault() or self._page(request, self.recordings)
+        answer = self._api_fault() or self._page(request, self.recordings)
+        page_no = request.query.get("page", "1")
+        if page_no.isdigit():
+            self.list_queries.append((int(page_no), request.query.get("order_by", "desc")))
+        for _ in range(self.opts.grow_on_list):
+            await self.add_recording()
+        return answer
+
+    async def subscribe(self, request: web.Request) -> web.StreamResponse:
+        """The event WebSocket: topic_list, then 30012 events; 'heartbeat' within ws_idle_s or closed."""
+        if not self._token_ok(request):
+            return _error(10004)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.counters.ws_connections += 1
+        self.websockets.add(ws)
+        try:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=self.opts.ws_idle_s)
+                except TimeoutError:
+                    break
+                if msg.type != web.WSMsgType.TEXT:
+                    break
+                if msg.data == "heartbeat":
+                    self.counters.ws_heartbeats += 1
+                    await ws.send_str("heartbeat response")
+        finally:
+            self.websockets.discard(ws)
+            await ws.close()
+        return ws
 
     async def recording_search(self, request: web.Request) -> web.Response:
         if not self._token_ok(request):
@@ -571,7 +645,7 @@ class Simulator:
             self.failed_by_ip.clear()
         if options:
             allowed = {k: v for k, v in options.items()
-                       if k.endswith("_rate") or k in ("stall_s", "range_support", "bytes_per_second")}
+                       if k.endswith("_rate") or k in ("stall_s", "range_support", "bytes_per_second", "grow_on_list")}
             self.opts = replace(self.opts, **allowed)
 
 

@@ -7,6 +7,7 @@ cannot hide a simulator bug.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -334,3 +335,35 @@ async def test_bytes_per_second_paces_each_transfer(start_sim: SimFactory, http:
         assert await r.read() == sim.content(sim.recordings[0])
     # A lower bound only: a slow machine makes this longer, never shorter.
     assert loop.time() - began >= 0.2
+
+
+async def test_websocket_sends_30012_events_and_answers_heartbeats(start_sim: SimFactory,
+                                                                  http: aiohttp.ClientSession) -> None:
+    sim = await start_sim(count=1)
+    token = (await _login(http, sim))["access_token"]
+    async with http.get(f"{sim.base_url}{API}/subscribe", params={"access_token": "bad"}) as r:
+        assert (await r.json())["errcode"] == 10004
+    async with http.ws_connect(f"{sim.base_url}{API}/subscribe", params={"access_token": token}) as ws:
+        await ws.send_str('{"topic_list":[30012]}')
+        await ws.send_str("heartbeat")
+        assert (await ws.receive(timeout=5)).data == "heartbeat response"
+        rec = await sim.add_recording()
+        event = json.loads((await ws.receive(timeout=5)).data)
+        assert event["type"] == 30012
+        assert json.loads(event["msg"])["recording"] == rec.file
+    assert sim.counters.ws_connections == 1 and sim.counters.events_sent == 1
+    assert rec.id == 1001 and sim.by_file[rec.file] is rec
+
+
+async def test_new_recordings_appear_over_time(start_sim: SimFactory) -> None:
+    sim = await start_sim(count=1, new_every_s=0.02)
+    while len(sim.recordings) < 4:
+        await asyncio.sleep(0.02)
+    assert [r.id for r in sim.recordings][:4] == [1000, 1001, 1002, 1003]
+
+
+async def test_listing_items_carry_archive_status(start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
+    sim = await start_sim(count=1)
+    token = (await _login(http, sim))["access_token"]
+    item = (await _get(http, sim, "recording/list", access_token=token))["data"][0]
+    assert "archive_status" in item

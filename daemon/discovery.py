@@ -1,0 +1,340 @@
+"""Discovery: find every recording the PBX makes without being told its id.
+
+Four parts, all idempotent against the ledger: a poll of ``recording/list`` by id descending down to
+the persisted high-water mark (minus an overlap for late arrivals); a resumable back-fill of what
+the PBX held before the first poll; a periodic full sweep that enqueues anything missed and reports
+recordings that vanished before they were archived; and, optionally, 30012 events over the PBX
+WebSocket for pick-up within seconds. Events can be missed, so polling always runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from daemon.client import PbxClient
+from daemon.clock import Clock, sleep_or_stop
+from daemon.config import DiscoverConfig
+from daemon.errors import ArchiverError, FatalAuthError
+from daemon.ledger import META_FIELDS, Ledger, Ref
+
+log = structlog.get_logger("daemon.discovery")
+
+KV_HIGH_WATER = "discover.high_water"
+KV_BACKFILL = "discover.backfill"
+KV_LAST_POLL = "discover.last_poll_at"
+KV_LAST_EVENT = "discover.last_event_at"
+KV_LAST_SWEEP = "discover.last_sweep_at"
+EVENT_NEW_CDR = 30012
+_NAME_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})\d{6}-")
+_NAME_CALL_TYPE = re.compile(r"-(Inbound|Outbound|Internal)\.(?:wav|mp3)$")
+_META_TYPES: dict[str, type] = {"size": int, "duration": int, "time": str, "uid": str, "call_from": str,
+                                "call_to": str, "call_type": str}
+
+
+def item_ref(item: dict[str, Any]) -> Ref | None:
+    """A listing item as a ledger ref with its metadata; None when it has no usable id. Pure."""
+    rec_id = item.get("id")
+    if not isinstance(rec_id, int) or isinstance(rec_id, bool) or rec_id <= 0:
+        return None
+    file = item.get("file") if isinstance(item.get("file"), str) and item.get("file") else None
+    meta = tuple((k, item[k]) for k in META_FIELDS if isinstance(item.get(k), _META_TYPES[k])
+                 and not isinstance(item.get(k), bool))
+    return Ref(rec_id=rec_id, file=file, meta=meta)
+
+
+def name_date(file: str | None) -> str | None:
+    """YYYY-MM-DD from the PBX file name's prefix, if it has one."""
+    m = _NAME_DATE.match(file or "")
+    return f"{m[1]}-{m[2]}-{m[3]}" if m else None
+
+
+def wanted(item: dict[str, Any], cfg: DiscoverConfig) -> bool:
+    """The operator's filters: since (id or date), call types, minimum duration. Pure; tested as a table.
+
+    A value the PBX did not send never excludes a recording: better one too many than one missed."""
+    rec_id = item.get("id")
+    if cfg.since_id is not None and isinstance(rec_id, int) and rec_id < cfg.since_id:
+        return False
+    date = name_date(item.get("file"))
+    if cfg.since_date is not None and date is not None and date < cfg.since_date:
+        return False
+    call_type = item.get("call_type")
+    if cfg.call_types and isinstance(call_type, str) and call_type not in cfg.call_types:
+        return False
+    duration = item.get("duration")
+    return not (cfg.min_duration_s and isinstance(duration, int) and duration < cfg.min_duration_s)
+
+
+def event_recording(event: dict[str, Any]) -> str | None:
+    """The recording file name of a 30012 event, or None (another event, an unrecorded call). Pure."""
+    if event.get("type") != EVENT_NEW_CDR:
+        return None
+    msg = event.get("msg")
+    try:
+        body = json.loads(msg) if isinstance(msg, str) else msg
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    name = body.get("recording")
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def event_item(file: str) -> dict[str, Any]:
+    """What an event tells of a recording, in listing form, for the filters."""
+    m = _NAME_CALL_TYPE.search(file)
+    return {"file": file, **({"call_type": m.group(1)} if m else {})}
+
+
+@dataclass
+class Backfill:
+    """Progress of the first back-fill: the next page (by id, descending) and the id it started under."""
+
+    page: int
+    top: int
+    done: bool
+
+    def dump(self) -> str:
+        return json.dumps({"page": self.page, "top": self.top, "done": self.done})
+
+    @classmethod
+    def load(cls, text: str | None) -> Backfill | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(page=int(data["page"]), top=int(data["top"]), done=bool(data["done"]))
+
+
+class Discovery:
+    """Polls, back-fills, sweeps and listens; every recording found goes into the ledger."""
+
+    def __init__(self, cfg: DiscoverConfig, client: PbxClient, ledger: Ledger, clock: Clock,
+                 notify: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.ledger = ledger
+        self.clock = clock
+        self.notify = notify
+        self._poke = asyncio.Event()
+        self.polls = 0
+
+    # ---------------------------------------------------------------- ledger state
+    async def _kv(self, key: str) -> str | None:
+        return await self.ledger.call(lambda db: db.kv_get(key))
+
+    async def _set(self, key: str, value: str) -> None:
+        await self.ledger.call(lambda db: db.kv_set(key, value))
+
+    async def _enqueue(self, items: list[dict[str, Any]], source: str) -> int:
+        refs = [ref for item in items if wanted(item, self.cfg) and (ref := item_ref(item)) is not None]
+        if not refs:
+            return 0
+        now = self.clock.wall()
+        added = await self.ledger.call(lambda db: db.enqueue(refs, source=source, now=now))
+        if added:
+            self.notify()
+        return added
+
+    async def start(self) -> None:
+        """On the very first run: remember the newest id as the high-water mark and plan the back-fill."""
+        if await self._kv(KV_HIGH_WATER) is not None:
+            return
+        page = await self.client.list_recordings(page=1, page_size=1, sort_by="id", order_by="desc")
+        top = page.items[0]["id"] if page.items else 0
+        await self._set(KV_BACKFILL, Backfill(page=1, top=top, done=top == 0).dump())
+        await self._set(KV_HIGH_WATER, str(top))
+        log.info("discover.initialised", newest_id=top, recordings=page.total)
+
+    # ---------------------------------------------------------------- polling
+    async def poll_new(self) -> int:
+        """Enqueue recordings newer than the high-water mark (minus the overlap). Returns how many were new."""
+        high = int(await self._kv(KV_HIGH_WATER) or 0)
+        floor = high - self.cfg.overlap_ids
+        newest, added, page_no = high, 0, 1
+        while True:
+            page = await self.client.list_recordings(page=page_no, page_size=self.cfg.page_size,
+                                                     sort_by="id", order_by="desc")
+            fresh = [item for item in page.items if item["id"] > floor]
+            added += await self._enqueue(fresh, "discover")
+            newest = max([newest, *(item["id"] for item in fresh)])
+            if len(fresh) < len(page.items) or len(page.items) < self.cfg.page_size:
+                break
+            page_no += 1
+        if newest > high:
+            await self._set(KV_HIGH_WATER, str(newest))
+        await self._set(KV_LAST_POLL, str(self.clock.wall()))
+        self.polls += 1
+        log.info("discover.polled", added=added, high_water=newest, pages=page_no)
+        return added
+
+    # ---------------------------------------------------------------- back-fill
+    async def backfill_step(self) -> bool:
+        """One page of the back-fill, its progress persisted. True once the back-fill is complete."""
+        state = Backfill.load(await self._kv(KV_BACKFILL))
+        if state is None or state.done:
+            return True
+        page = await self.client.list_recordings(page=state.page, page_size=self.cfg.page_size,
+                                                 sort_by="id", order_by="desc")
+        # Newer than the start: the poll covers those. Older than since_id: not wanted, and nothing
+        # further down is either, so the back-fill is over.
+        items = [item for item in page.items if item["id"] <= state.top]
+        added = await self._enqueue(items, "backfill")
+        below_since = self.cfg.since_id is not None and any(item["id"] < self.cfg.since_id for item in items)
+        state.done = below_since or len(page.items) < self.cfg.page_size
+        state.page += 1
+        await self._set(KV_BACKFILL, state.dump())
+        if state.done:
+            await self._set(KV_LAST_SWEEP, str(self.clock.wall()))  # the back-fill was a full listing
+        log.info("discover.backfill_page", page=state.page - 1, added=added, done=state.done)
+        return state.done
+
+    async def resume_backfill(self) -> None:
+        """After a restart, step back one page: recordings deleted meanwhile shift the rest up."""
+        state = Backfill.load(await self._kv(KV_BACKFILL))
+        if state is not None and not state.done and state.page > 1:
+            state.page -= 1
+            await self._set(KV_BACKFILL, state.dump())
+            log.info("discover.backfill_resumed", page=state.page)
+
+    # ---------------------------------------------------------------- sweep
+    async def sweep(self) -> tuple[int, int]:
+        """List everything; enqueue what the ledger lacks; mark missing what vanished unarchived.
+
+        Returns (added, vanished)."""
+        present: set[int] = set()
+        added, page_no = 0, 1
+        while True:
+            page = await self.client.list_recordings(page=page_no, page_size=self.cfg.page_size,
+                                                     sort_by="id", order_by="asc")
+            present.update(item["id"] for item in page.items)
+            added += await self._enqueue(page.items, "sweep")
+            if len(page.items) < self.cfg.page_size:
+                break
+            page_no += 1
+        newest = max(present, default=0)
+        now = self.clock.wall()
+
+        def mark_vanished(db: Any) -> list[str]:
+            gone = []
+            for state in ("pending", "failed"):
+                for row in db.rows(state):
+                    if row.rec_id is not None and row.rec_id < newest and row.rec_id not in present:
+                        db.finish(row.key, state="missing", error="vanished from the PBX before it was archived",
+                                  now=now)
+                        gone.append(row.ref)
+            return gone
+        vanished = await self.ledger.call(mark_vanished)
+        for ref in vanished:
+            log.warning("discover.vanished", recording=ref, action="marked missing")
+        await self._set(KV_LAST_SWEEP, str(now))
+        log.info("discover.swept", listed=len(present), added=added, vanished=len(vanished))
+        return added, len(vanished)
+
+    # ---------------------------------------------------------------- events
+    async def on_event(self, event: dict[str, Any]) -> None:
+        await self._set(KV_LAST_EVENT, str(self.clock.wall()))
+        file = event_recording(event)
+        if file is None:
+            return
+        item = event_item(file)
+        log.info("discover.event", recording=file)
+        # The minimum duration cannot be judged from a name: leave those to the poll, woken now.
+        if wanted(item, self.cfg) and not self.cfg.min_duration_s:
+            added = await self.ledger.call(lambda db: db.enqueue([Ref(file=file)], source="event",
+                                                                 now=self.clock.wall()))
+            if added:
+                self.notify()
+        self._poke.set()
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Keep a WebSocket subscription up; reconnect with back-off and a fresh token."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                async for event in self.client.events([EVENT_NEW_CDR], heartbeat_s=self.cfg.heartbeat_s):
+                    backoff = 1.0
+                    await self.on_event(event)
+            except ArchiverError as exc:
+                log.warning("discover.events_lost", error=str(exc), retry_in_s=round(backoff, 1))
+                if await sleep_or_stop(self.clock, backoff * (0.5 + random.random() / 2), stop):
+                    return
+                backoff = min(backoff * 2, 60.0)
+
+    # ---------------------------------------------------------------- lifecycles
+    async def run_once(self) -> None:
+        """``once``: poll and back-fill to the end, so that everything the PBX holds is queued."""
+        await self.start()
+        await self.resume_backfill()
+        await self.poll_new()
+        while not await self.backfill_step():
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """``run``: the poll loop, the back-fill, the sweep loop and (if enabled) the event listener."""
+        while not stop.is_set():
+            try:
+                await self.start()
+                await self.resume_backfill()
+                break
+            except FatalAuthError:
+                if await sleep_or_stop(self.clock, self.client.cfg.auth_retry_interval_s, stop):
+                    return
+            except ArchiverError as exc:
+                log.warning("discover.start_failed", error=str(exc))
+                if await sleep_or_stop(self.clock, min(self.cfg.interval_s, 30.0), stop):
+                    return
+        tasks = [asyncio.create_task(self._poll_loop(stop), name="discover-poll"),
+                 asyncio.create_task(self._backfill_loop(stop), name="discover-backfill"),
+                 asyncio.create_task(self._sweep_loop(stop), name="discover-sweep")]
+        if self.cfg.events:
+            tasks.append(asyncio.create_task(self.listen(stop), name="discover-events"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._poke.clear()
+            try:
+                await self.poll_new()
+            except ArchiverError as exc:
+                log.warning("discover.poll_failed", error=str(exc))
+            await sleep_or_stop(self.clock, self.cfg.interval_s, stop, self._poke)
+
+    async def _backfill_loop(self, stop: asyncio.Event) -> None:
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                if await self.backfill_step():
+                    return
+                backoff = 1.0
+            except ArchiverError as exc:
+                log.warning("discover.backfill_failed", error=str(exc), retry_in_s=round(backoff, 1))
+                await sleep_or_stop(self.clock, backoff, stop)
+                backoff = min(backoff * 2, self.cfg.interval_s)
+
+    async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            last = float(await self._kv(KV_LAST_SWEEP) or 0)
+            due_in = last + self.cfg.sweep_interval_s - self.clock.wall()
+            if due_in <= 0:
+                state = Backfill.load(await self._kv(KV_BACKFILL))
+                if state is None or state.done:  # the back-fill lists everything anyway
+                    try:
+                        await self.sweep()
+                        continue
+                    except ArchiverError as exc:
+                        log.warning("discover.sweep_failed", error=str(exc))
+                due_in = min(self.cfg.interval_s, self.cfg.sweep_interval_s)
+            await sleep_or_stop(self.clock, min(due_in, 3600.0), stop)
