@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,6 +41,8 @@ from daemon.sources import parse_ref
 
 log = structlog.get_logger("daemon.cli")
 
+HEALTH_TIMEOUT_S = 5.0
+
 
 def _add_config_arg(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before or after the subcommand; the subcommand's copy must not erase the top one.
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending").add_argument(
         "refs", nargs="*", metavar="REF")
     command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
+    command("health", cmd_health, "ask a running `run` whether it is alive (exit 0) or not (exit 1)").add_argument(
+        "--url", help="the /livez URL (default: from service.listen in the config)")
     add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))
     command("demo", cmd_demo, "zero-setup tour against the bundled simulator").add_argument(
         "--dir", default="yeastar-archiver-demo", help="where to write the demo config and archive")
@@ -167,6 +172,33 @@ def _config_failed(exc: ConfigError) -> int:
     for problem in exc.problems:
         print(f"config error: {problem}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+# ---------------------------------------------------------------- health
+def livez_url(listen: str) -> str:
+    """The /livez URL for a ``service.listen`` address; a wildcard address is asked on loopback."""
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}/livez"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    url = args.url
+    if url is None:
+        cfg = load_config(config_path(args.config))
+        if cfg.service.listen is None:
+            print("health: service.listen is null: nothing to ask", file=sys.stderr)
+            return EXIT_FAILED_ITEMS
+        url = livez_url(cfg.service.listen)
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as resp:  # noqa: S310 - operator's own URL
+            ok = resp.status == 200
+    except (OSError, ValueError) as exc:
+        print(f"health: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
+    print(f"health: {url}: {'ok' if ok else 'not ok'}")
+    return EXIT_OK if ok else EXIT_FAILED_ITEMS
 
 
 # ---------------------------------------------------------------- simulate

@@ -13,6 +13,7 @@ import email.utils
 import json
 import math
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from daemon.config import PbxConfig
 from daemon.errors import (
     ArchiverError,
     FatalAuthError,
+    PauseError,
     PbxBusyError,
     PbxUnavailableError,
     RecordingMissingError,
@@ -194,6 +196,24 @@ class DownloadUrl:
     url: str
     issued_at: float
     expires_at: float
+
+
+@dataclass
+class PbxHealth:
+    """How the last exchange with the PBX went, for readiness."""
+
+    ok_at: float = 0.0
+    error_at: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the most recent exchange succeeded (or none failed yet)."""
+        return self.ok_at >= self.error_at
+
+    @property
+    def last_at(self) -> float:
+        return max(self.ok_at, self.error_at)
 
 
 @dataclass(frozen=True)
@@ -366,6 +386,8 @@ class PbxClient:
         self.tokens = TokenManager(self, cfg, self.clock)
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
         self._session: aiohttp.ClientSession | None = None
+        self.health = PbxHealth()
+        self.errcodes: Counter[int] = Counter()
         self._url_lifetime_s = url_lifetime_s
         self._api_timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, connect=cfg.timeout_s)
         self._file_timeout = aiohttp.ClientTimeout(total=None, connect=cfg.timeout_s, sock_read=read_timeout_s)
@@ -410,11 +432,16 @@ class PbxClient:
         """One paced API request without token handling. Returns the envelope when errcode is 0."""
         await self.pacer.wait()
         url = f"{self.cfg.api_base}/{endpoint}"
-        with translate_errors(endpoint, recording=recording):
-            async with self.session.request(method, url, params=params, json=body,
-                                            timeout=self._api_timeout) as resp:
-                self._raise_for_http(resp, endpoint, recording)
-                raw = await resp.read()
+        try:
+            with translate_errors(endpoint, recording=recording):
+                async with self.session.request(method, url, params=params, json=body,
+                                                timeout=self._api_timeout) as resp:
+                    self._raise_for_http(resp, endpoint, recording)
+                    raw = await resp.read()
+        except (PauseError, PbxBusyError) as exc:
+            self._unhealthy(exc)
+            raise
+        self.health.ok_at = self.clock.monotonic()
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -424,9 +451,17 @@ class PbxClient:
             raise PbxBusyError(f"{endpoint}: the PBX answered JSON without an errcode", recording=recording)
         errcode = _int_or(data.get("errcode"), -2)
         if errcode != 0:
-            raise error_for_errcode(errcode, str(data.get("errmsg", "")), login=login, recording=recording,
-                                    token_limit_backoff_s=self.cfg.token_limit_backoff_s)
+            self.errcodes[errcode] += 1
+            error = error_for_errcode(errcode, str(data.get("errmsg", "")), login=login, recording=recording,
+                                      token_limit_backoff_s=self.cfg.token_limit_backoff_s)
+            if isinstance(error, PbxBusyError | FatalAuthError | TokenLimitError):
+                self._unhealthy(error)
+            raise error
         return data
+
+    def _unhealthy(self, exc: Exception) -> None:
+        self.health.error_at = self.clock.monotonic()
+        self.health.error = str(exc)
 
     def _raise_for_http(self, resp: aiohttp.ClientResponse, what: str, recording: str | None) -> None:
         if resp.status == 200:
@@ -528,6 +563,7 @@ class PbxClient:
                         self.tokens.invalidate(token)
                         continue
                     raise TokenExpiredError("the file URL refused a fresh token", errcode=10004, recording=recording)
+                self.health.ok_at = self.clock.monotonic()
                 yield FileStream(resp, start=start, total=total, first=first, recording=recording)
                 return
 
@@ -563,6 +599,7 @@ class PbxClient:
                 return first  # not an envelope after all; the downloader's audio check decides
             if isinstance(data, dict) and "errcode" in data:
                 errcode = _int_or(data.get("errcode"), -2)
+                self.errcodes[errcode] += 1
                 if errcode == 10004:
                     return None
                 raise error_for_errcode(errcode, str(data.get("errmsg", "")), recording=recording,

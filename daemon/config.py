@@ -132,6 +132,7 @@ class DownloadsConfig:
 class ServiceConfig:
     listen: str | None = "127.0.0.1:9464"
     shutdown_grace_s: float = 20.0
+    pbx_probe_interval_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -485,6 +486,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     service = ServiceConfig(
         listen=sv.get("listen", _listen, default_listen, "host:port such as 127.0.0.1:9464, or null to disable"),
         shutdown_grace_s=sv.get("shutdown_grace_s", _number, 20.0, "seconds >= 0", check=non_negative),
+        pbx_probe_interval_s=sv.get("pbx_probe_interval_s", _number, 30.0, "seconds > 0", check=positive),
     )
     sv.finish()
 

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -94,6 +95,8 @@ class Downloader:
         self.clock = clock
         self.archive = archive
         self.bytes_downloaded = 0
+        self.in_flight = 0
+        self.last_chunk_at = 0.0
 
     async def archive_row(self, row: Row) -> Archived:
         """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
@@ -206,7 +209,8 @@ class Downloader:
         head = b""
         if keep:
             head, digest = await asyncio.to_thread(_hash_prefix, fd, keep)
-        async with self.gate.slot(), self.client.open_file(url.url, offset=keep, recording=row.ref) as stream:
+        async with self.gate.slot(), self._counted(), \
+                self.client.open_file(url.url, offset=keep, recording=row.ref) as stream:
             if stream.status == 416:
                 if keep and stream.total == keep:
                     return keep, digest.hexdigest(), head
@@ -228,7 +232,7 @@ class Downloader:
                     size += len(chunk)
                     self.bytes_downloaded += len(chunk)
                     window_bytes += len(chunk)
-                    now = self.clock.monotonic()
+                    now = self.last_chunk_at = self.clock.monotonic()
                     if too_slow(window_bytes, now - window_start, self.cfg.downloads.min_bytes_per_second):
                         raise TransferError(f"the transfer is slower than downloads.min_bytes_per_second "
                                             f"({window_bytes} bytes in {now - window_start:.0f} s)",
@@ -245,6 +249,14 @@ class Downloader:
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
         return size, digest.hexdigest(), head
+
+    @contextlib.asynccontextmanager
+    async def _counted(self) -> AsyncIterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _checkpoint(self, key: str, part_rel: str, synced: int) -> None:
         await self.ledger.call(lambda db: db.set_part(key, part_rel, synced))

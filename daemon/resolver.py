@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
@@ -58,8 +58,10 @@ class RequestGate:
 class Resolver:
     """Keeps each in-flight recording's download URL and renews it when it expires."""
 
-    def __init__(self, client: PbxClient, clock: Clock, gate: RequestGate, margin_s: float) -> None:
+    def __init__(self, client: PbxClient, clock: Clock, gate: RequestGate, margin_s: float,
+                 on_resolve: Callable[[float], None] | None = None) -> None:
         self._client = client
+        self._on_resolve = on_resolve
         self._clock = clock
         self._gate = gate
         self._margin_s = margin_s
@@ -73,7 +75,10 @@ class Resolver:
             if url is not None:
                 log.info("url.expired", recording=file or rec_id)
             async with self._gate.slot():
+                started = self._clock.monotonic()
                 url = await self._client.resolve_download(rec_id=rec_id, file=None if rec_id is not None else file)
+                if self._on_resolve is not None:
+                    self._on_resolve(self._clock.monotonic() - started)
             self.resolutions += 1
             self._gate.learn(url.file)
             self._urls[key] = url

@@ -16,16 +16,18 @@ from daemon.clock import Clock, SystemClock, sleep_or_stop
 from daemon.config import Config
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
-from daemon.errors import ArchiverError, FatalAuthError
+from daemon.errors import ArchiverError, ConfigError, FatalAuthError
 from daemon.ledger import Ledger, Ref, RunLock
 from daemon.reconcile import ReconcileReport, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler
+from daemon.service import Health, HealthServer, Metrics, SdNotify, feed_watchdog
 from daemon.sources import QueueTail, follow_queue
 
 log = structlog.get_logger("daemon.runner")
 
 DISCOVER_ONCE_TRIES = 5
+STATUS_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,60 +52,158 @@ ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: Clock | None = None,
-                       progress: ProgressHook | None = None) -> RunResult:
+                       progress: ProgressHook | None = None, notify: SdNotify | None = None,
+                       health: Health | None = None) -> RunResult:
     """Archive until ``stop`` (``run``) or until everything queued has ended (``once``).
 
-    Raises StorageError when the archive or the ledger cannot be opened (or another runner holds it).
+    ``run`` also serves health and metrics on ``service.listen`` and speaks sd_notify. Resources are
+    closed in reverse order whatever happens. Raises StorageError when the archive or the ledger
+    cannot be opened (or another runner holds it), ConfigError when ``service.listen`` is taken.
     """
     clock = clock or SystemClock()
+    notify = notify or SdNotify()
+    health = health or Health(clock)
+    metrics = Metrics(health)
     started = clock.monotonic()
-    archive = ArchiveDir(cfg.archive.dir)
-    await asyncio.to_thread(archive.ensure_root)
-    lock = RunLock(cfg.state.path)
-    lock.acquire()
-    try:
-        async with Ledger(cfg.state.path) as ledger:
-            report = await ledger.call(lambda db: reconcile(db, archive, now=clock.wall(),
-                                                            skip=cfg.state.path.parent, sidecars=cfg.archive.sidecar))
-            if cfg.sources.ids:
-                refs = [Ref(rec_id=i) for i in cfg.sources.ids]
-                added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
-                log.info("sources.config_ids", ids=len(refs), added=added)
-            async with PbxClient(cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
-                                 url_lifetime_s=cfg.downloads.url_lifetime_s) as client:
-                gate = RequestGate(cfg.pbx.recording_format)
-                resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s)
-                downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive)
-                scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once)
-                background = await _start_sources(cfg, ledger, scheduler, clock, stop, once=once)
-                discovery_fatal = None
-                if cfg.sources.discover.enabled:
-                    discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify)
-                    if once:
-                        discovery_fatal = await _discover_once(discovery, clock, stop)
-                    else:
-                        background.append(asyncio.create_task(_guarded(discovery.run(stop)), name="discovery"))
-                done = asyncio.Event()
-                reporter = None if progress is None else asyncio.create_task(
-                    progress(Pipeline(ledger, scheduler, downloader), done), name="progress")
+    async with contextlib.AsyncExitStack() as stack:
+        background = TaskSet()
+        stack.push_async_callback(background.close)
+        if not once:
+            if cfg.service.listen:
+                server = HealthServer(health, metrics)
                 try:
-                    stats = await scheduler.run()
-                finally:
-                    for task in background:
-                        task.cancel()
-                    await asyncio.gather(*background, return_exceptions=True)
-                    done.set()  # the reporter draws its final line, then ends
-                    if reporter is not None:
-                        await asyncio.gather(reporter, return_exceptions=True)
-                fatal = scheduler.fatal or discovery_fatal
-            counts = await ledger.call(lambda db: db.counts())
-    finally:
-        lock.release()
+                    await server.start(cfg.service.listen)
+                except OSError as exc:
+                    await server.stop()
+                    raise ConfigError([f"service.listen: cannot listen on {cfg.service.listen!r}: "
+                                       f"{exc.strerror or exc}"]) from exc
+                stack.push_async_callback(server.stop)
+            if notify.watchdog_s is not None:
+                window = notify.watchdog_s
+                background.start(feed_watchdog(notify, lambda: health.alive(window), clock, stop), "watchdog")
+        archive = ArchiveDir(cfg.archive.dir)
+        await asyncio.to_thread(archive.ensure_root)
+        lock = RunLock(cfg.state.path)
+        lock.acquire()
+        stack.callback(lock.release)
+        ledger = await stack.enter_async_context(Ledger(cfg.state.path))
+        report = await ledger.call(lambda db: reconcile(db, archive, now=clock.wall(), skip=cfg.state.path.parent,
+                                                        sidecars=cfg.archive.sidecar))
+        if cfg.sources.ids:
+            refs = [Ref(rec_id=i) for i in cfg.sources.ids]
+            added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
+            log.info("sources.config_ids", ids=len(refs), added=added)
+        client = await stack.enter_async_context(PbxClient(
+            cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
+            url_lifetime_s=cfg.downloads.url_lifetime_s))
+        gate = RequestGate(cfg.pbx.recording_format)
+        resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
+                            on_resolve=metrics.resolve_seconds.observe)
+        downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive)
+        scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once,
+                              on_archived=metrics.download_seconds.observe)
+        pipeline = Pipeline(ledger, scheduler, downloader)
+        health.pipeline = pipeline
+        await _refresh_counts(health, ledger)
+        # Ready once the local prerequisites hold (config, ledger, archive): never wait for the PBX,
+        # so that a PBX outage cannot turn into a start-up timeout and a restart loop.
+        notify.send("READY=1", f"STATUS={_status_line(health)}")
+        log.info("service.ready", once=once)
+        if not once:
+            background.start(_watch_stop(stop, health, notify), "stop-watch")
+            background.start(_report_status(health, ledger, notify, clock, stop), "status")
+            background.start(_probe_pbx(client, cfg.service.pbx_probe_interval_s, clock, stop), "pbx-probe")
+        for task in await _start_sources(cfg, ledger, scheduler, clock, stop, once=once):
+            background.adopt(task)
+        discovery_fatal = None
+        if cfg.sources.discover.enabled:
+            discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify)
+            if once:
+                discovery_fatal = await _discover_once(discovery, clock, stop)
+            else:
+                background.start(_guarded(discovery.run(stop)), "discovery")
+        done = asyncio.Event()
+        reporter = None if progress is None else asyncio.create_task(progress(pipeline, done), name="progress")
+        try:
+            stats = await scheduler.run()
+        finally:
+            health.stopping = True
+            await background.close()
+            done.set()  # the reporter draws its final line, then ends
+            if reporter is not None:
+                await asyncio.gather(reporter, return_exceptions=True)
+        fatal = scheduler.fatal or discovery_fatal
+        counts = await ledger.call(lambda db: db.counts())
     elapsed = clock.monotonic() - started
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
              failed=stats.failed, missing=stats.missing, retries=stats.retried, pauses=stats.pauses,
              bytes=stats.bytes, elapsed_s=round(elapsed, 2), ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed)
+
+
+class TaskSet:
+    """Background tasks owned by the runner: cancelled and awaited together, exactly once."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    def adopt(self, task: asyncio.Task[None]) -> None:
+        self._tasks.append(task)
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _status_line(health: Health) -> str:
+    c = health.counts
+    p = health.pipeline
+    line = (f"done {c.get('done', 0)}, pending {c.get('pending', 0)}, in progress {c.get('in_progress', 0)}, "
+            f"failed {c.get('failed', 0)}, missing {c.get('missing', 0)}")
+    if p is not None and p.scheduler.paused:
+        line += f"; paused: {p.scheduler.pause_reason}"
+    return line
+
+
+async def _refresh_counts(health: Health, ledger: Ledger) -> None:
+    try:
+        health.counts = await ledger.call(lambda db: db.counts())
+        health.counts_ok = True
+    except Exception as exc:  # the ledger is unreadable: readiness says so
+        health.counts_ok = False
+        log.warning("ledger.unreadable", error=str(exc))
+
+
+async def _report_status(health: Health, ledger: Ledger, notify: SdNotify, clock: Clock,
+                         stop: asyncio.Event) -> None:
+    """Refresh the queue depth for metrics and readiness, and tell systemd how things stand."""
+    while not await sleep_or_stop(clock, STATUS_INTERVAL_S, stop):
+        await _refresh_counts(health, ledger)
+        notify.send(f"STATUS={_status_line(health)}")
+
+
+async def _watch_stop(stop: asyncio.Event, health: Health, notify: SdNotify) -> None:
+    await stop.wait()
+    health.stopping = True
+    notify.send("STOPPING=1", "STATUS=stopping: finishing in-flight downloads")
+    log.info("service.stopping")
+
+
+async def _probe_pbx(client: PbxClient, interval_s: float, clock: Clock, stop: asyncio.Event) -> None:
+    """When nothing else talked to the PBX lately, list one recording: readiness must follow the PBX
+    (down, and back) even while the queue is empty."""
+    while not await sleep_or_stop(clock, interval_s, stop):
+        if client.tokens.fatal is not None or clock.monotonic() - client.health.last_at < interval_s:
+            continue
+        try:
+            await client.check()
+        except ArchiverError as exc:
+            log.info("pbx.probe_failed", error=str(exc))
 
 
 async def _start_sources(cfg: Config, ledger: Ledger, scheduler: Scheduler, clock: Clock, stop: asyncio.Event, *,

@@ -71,7 +71,8 @@ class Scheduler:
     """Runs ``downloads.workers`` workers until ``stop`` (``run``) or until nothing is left (``once``)."""
 
     def __init__(self, cfg: Config, ledger: Ledger, downloader: Downloader, client: PbxClient, clock: Clock,
-                 stop: asyncio.Event, *, once: bool, rand: Callable[[], float] = random.random) -> None:
+                 stop: asyncio.Event, *, once: bool, rand: Callable[[], float] = random.random,
+                 on_archived: Callable[[float], None] | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.downloader = downloader
@@ -81,6 +82,9 @@ class Scheduler:
         self.once = once
         self.rand = rand
         self.stats = RunStats()
+        self.on_archived = on_archived
+        self.last_turn_at = clock.monotonic()
+        self.last_success_wall = 0.0
         self.fatal: FatalAuthError | None = None
         self.paused_until = 0.0
         self.pause_reason: str | None = None
@@ -136,6 +140,7 @@ class Scheduler:
 
     async def _step(self) -> None:
         """One turn of a worker: wait out a pause, or claim and process one row, or idle briefly."""
+        self.last_turn_at = self.clock.monotonic()
         if self.paused:
             await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
             self._after_pause()
@@ -168,6 +173,7 @@ class Scheduler:
 
     async def _process(self, row: Row) -> None:
         bound = log.bind(recording=row.ref)
+        started = self.clock.monotonic()
         try:
             result = await self.downloader.archive_row(row)
         except asyncio.CancelledError:
@@ -213,6 +219,9 @@ class Scheduler:
                 self._pause_streak = 0
                 self.pause_reason = None
             self.stats.archived += 1
+            self.last_success_wall = self.clock.wall()
+            if self.on_archived is not None:
+                self.on_archived(self.clock.monotonic() - started)
             self.stats.bytes += result.size if result.downloaded else 0
             if result.downloaded:
                 self.stats.downloaded += 1
