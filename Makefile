@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest clean
+.PHONY: demo test container-test clean
 
 # The stamp files re-install only when pyproject.toml changes.
 $(VENV)/.stamp-run: pyproject.toml
@@ -25,6 +25,11 @@ test: $(VENV)/.stamp-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict daemon
 	$(BIN)/pytest
+
+# Builds the real image with podman and runs it against the simulator (needs root; minutes
+# on a fresh machine, so it is not part of `make test`; CI runs it after `make test`).
+container-test: $(VENV)/.stamp-test
+	bash tests/container/container-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache yeastar-archiver-demo
