@@ -127,18 +127,26 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``: the only place signals are handled."""
+def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]],
+                      reload: Callable[[], asyncio.Event] | None = None) -> int:
+    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``: the only place signals are handled.
+
+    With ``reload`` (a factory, so that the event is made inside the running loop), SIGHUP sets it."""
     async def runner() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # SIGTERM: systemd / container stop. SIGINT: Ctrl-C. Both ask for the same graceful stop.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handled = [signal.SIGTERM, signal.SIGINT]
+        for sig in handled:
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            # SIGHUP: `systemctl reload` — re-read the config, keep running.
+            loop.add_signal_handler(signal.SIGHUP, reload().set)
+            handled.append(signal.SIGHUP)
         try:
             return await main(stop)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
     return asyncio.run(runner())
 
@@ -225,12 +233,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run / once
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    events: list[asyncio.Event] = []
+
+    def reload_event() -> asyncio.Event:
+        events.append(asyncio.Event())
+        return events[0]
 
     async def main(stop: asyncio.Event) -> int:
         # run ends only on SIGTERM/SIGINT: a PBX outage or a refused login leaves it up, not ready.
-        await run_pipeline(cfg, stop, once=False)
+        await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None)
         return EXIT_OK
-    return _guard_pipeline(lambda: _run_until_signal(main))
+    return _guard_pipeline(lambda: _run_until_signal(main, reload=reload_event))
 
 
 def cmd_once(args: argparse.Namespace) -> int:

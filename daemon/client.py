@@ -178,6 +178,10 @@ class Pacer:
         self._next = -math.inf
         self._lock = asyncio.Lock()
 
+    def set_rate(self, rate: float) -> None:
+        """Change the pace live (SIGHUP)."""
+        self._interval = 1.0 / rate
+
     async def wait(self) -> None:
         async with self._lock:
             now = self._clock.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -545,3 +546,21 @@ def load_config(path: Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"config file {str(path)!r}: not valid YAML{where}"]) from exc
     return parse_config(data, base_dir=path.resolve().parent, source_path=path)
+
+
+# What SIGHUP can change in a running daemon; any other change needs a restart.
+LIVE_KEYS = frozenset({"logging.level", "sources.queue_file", "sources.queue_poll_interval_s", "downloads.workers",
+                       "pbx.requests_per_second"})
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted key paths whose values differ between two configs. Pure."""
+    if not dataclasses.is_dataclass(old) or not dataclasses.is_dataclass(new):
+        return [] if old == new else [prefix]
+    out = []
+    for f in dataclasses.fields(old):
+        if f.name in ("source_path", "warnings"):
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        out += changed_keys(getattr(old, f.name), getattr(new, f.name), key)
+    return out

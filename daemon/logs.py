@@ -131,3 +131,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
 
+
+
+def set_level(level: str) -> None:
+    """Change the level of later log events (SIGHUP), keeping everything else as configured."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())))

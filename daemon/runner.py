@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -13,11 +14,12 @@ import structlog
 from daemon.archive import ArchiveDir
 from daemon.client import PbxClient
 from daemon.clock import Clock, SystemClock, sleep_or_stop
-from daemon.config import Config
+from daemon.config import LIVE_KEYS, Config, changed_keys, load_config
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError
 from daemon.ledger import Ledger, Ref, RunLock
+from daemon.logs import set_level
 from daemon.reconcile import ReconcileReport, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler
@@ -53,7 +55,7 @@ ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
 
 async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: Clock | None = None,
                        progress: ProgressHook | None = None, notify: SdNotify | None = None,
-                       health: Health | None = None) -> RunResult:
+                       health: Health | None = None, reload: asyncio.Event | None = None) -> RunResult:
     """Archive until ``stop`` (``run``) or until everything queued has ended (``once``).
 
     ``run`` also serves health and metrics on ``service.listen`` and speaks sd_notify. Resources are
@@ -113,8 +115,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             background.start(_watch_stop(stop, health, notify), "stop-watch")
             background.start(_report_status(health, ledger, notify, clock, stop), "status")
             background.start(_probe_pbx(client, cfg.service.pbx_probe_interval_s, clock, stop), "pbx-probe")
-        for task in await _start_sources(cfg, ledger, scheduler, clock, stop, once=once):
-            background.adopt(task)
+        queue = QueueSource(ledger, scheduler, clock, stop)
+        if once:
+            await queue.read_once(cfg)
+        else:
+            queue.follow(cfg)
+            stack.push_async_callback(queue.close)
+        if reload is not None and not once:
+            background.start(_reload_on_signal(reload, cfg, scheduler, client, queue), "reload")
         discovery_fatal = None
         if cfg.sources.discover.enabled:
             discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify)
@@ -206,24 +214,90 @@ async def _probe_pbx(client: PbxClient, interval_s: float, clock: Clock, stop: a
             log.info("pbx.probe_failed", error=str(exc))
 
 
-async def _start_sources(cfg: Config, ledger: Ledger, scheduler: Scheduler, clock: Clock, stop: asyncio.Event, *,
-                         once: bool) -> list[asyncio.Task[None]]:
-    """Read the queue file (once: as it stands, before work starts; run: tailed in the background)."""
-    if cfg.sources.queue_file is None:
-        return []
-    tail = QueueTail(cfg.sources.queue_file)
+class QueueSource:
+    """The queue file: read as it stands (``once``) or followed in the background (``run``), and
+    re-pointed live when SIGHUP brings a new ``sources.queue_file``."""
 
-    async def enqueue(refs: list[Ref]) -> int:
-        added = await ledger.call(lambda db: db.enqueue_many(refs, source="queue", now=clock.wall()))
+    def __init__(self, ledger: Ledger, scheduler: Scheduler, clock: Clock, stop: asyncio.Event) -> None:
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.clock = clock
+        self.stop = stop
+        self._task: asyncio.Task[None] | None = None
+
+    async def _enqueue(self, refs: list[Ref]) -> int:
+        now = self.clock.wall()
+        added = await self.ledger.call(lambda db: db.enqueue_many(refs, source="queue", now=now))
         if added:
-            scheduler.notify()
+            self.scheduler.notify()
         return added
 
-    if once:
-        await follow_queue(tail, enqueue, clock, cfg.sources.queue_poll_interval_s, stop, once=True)
-        return []
-    return [asyncio.create_task(_guarded(follow_queue(tail, enqueue, clock, cfg.sources.queue_poll_interval_s,
-                                                      stop)), name="queue-tail")]
+    async def read_once(self, cfg: Config) -> None:
+        if cfg.sources.queue_file is not None:
+            await follow_queue(QueueTail(cfg.sources.queue_file), self._enqueue, self.clock,
+                               cfg.sources.queue_poll_interval_s, self.stop, once=True)
+
+    def follow(self, cfg: Config) -> None:
+        if cfg.sources.queue_file is not None:
+            tail = QueueTail(cfg.sources.queue_file)
+            self._task = asyncio.create_task(_guarded(follow_queue(
+                tail, self._enqueue, self.clock, cfg.sources.queue_poll_interval_s, self.stop)), name="queue-tail")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def restart(self, cfg: Config) -> None:
+        await self.close()
+        self.follow(cfg)
+
+
+async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Scheduler, client: PbxClient,
+                            queue: QueueSource) -> None:
+    """SIGHUP: re-read the config; apply what is safe live, report the rest as needing a restart.
+    In-flight downloads are never dropped (surplus workers retire after their current recording)."""
+    current = cfg
+    while True:
+        await reload.wait()
+        reload.clear()
+        if current.source_path is None:
+            log.warning("config.reload_failed", problems=["the configuration did not come from a file"])
+            continue
+        try:
+            new = await asyncio.to_thread(load_config, current.source_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems, action="keeping the running configuration")
+            continue
+        changed = changed_keys(current, new)
+        live = [k for k in changed if k in LIVE_KEYS]
+        if "logging.level" in live:
+            set_level(new.logging.level)
+        if "pbx.requests_per_second" in live:
+            client.pacer.set_rate(new.pbx.requests_per_second)
+        if "downloads.workers" in live:
+            scheduler.set_workers(new.downloads.workers)
+        if "sources.queue_file" in live or "sources.queue_poll_interval_s" in live:
+            await queue.restart(new)
+        log.info("config.reloaded", applied=live)
+        restart = [k for k in changed if k not in LIVE_KEYS]
+        if restart:
+            log.warning("config.restart_required", keys=restart,
+                        action="these changes take effect at the next restart")
+        # What was applied is now current; what needs a restart stays as running.
+        current = _merge_live(current, new)
+
+
+def _merge_live(current: Config, new: Config) -> Config:
+    return dataclasses.replace(
+        current,
+        logging=dataclasses.replace(current.logging, level=new.logging.level),
+        sources=dataclasses.replace(current.sources, queue_file=new.sources.queue_file,
+                                    queue_poll_interval_s=new.sources.queue_poll_interval_s),
+        downloads=dataclasses.replace(current.downloads, workers=new.downloads.workers),
+        pbx=dataclasses.replace(current.pbx, requests_per_second=new.pbx.requests_per_second),
+    )
 
 
 async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> FatalAuthError | None:

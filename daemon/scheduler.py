@@ -94,6 +94,8 @@ class Scheduler:
         self._auth_failures = 0
         self._finished = asyncio.Event()
         self._wakeup = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._retire = 0
 
     def notify(self) -> None:
         """New work was enqueued: wake idle workers."""
@@ -105,31 +107,54 @@ class Scheduler:
 
     async def run(self) -> RunStats:
         """Work until stopped or finished; on stop, in-flight downloads get ``shutdown_grace_s``."""
-        workers = [asyncio.create_task(self._worker(i), name=f"worker-{i}")
-                   for i in range(self.cfg.downloads.workers)]
+        self.set_workers(self.cfg.downloads.workers)
         stopper = asyncio.create_task(self.stop.wait(), name="stop-waiter")
-        all_workers: asyncio.Future[list[BaseException | None]] = asyncio.gather(*workers, return_exceptions=True)
         try:
-            watched: list[asyncio.Future[object]] = [stopper, all_workers]  # type: ignore[list-item]
-            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            if not all_workers.done():
+            while not self.stop.is_set():
+                running = [w for w in self._workers if not w.done()]
+                if not running:
+                    break
+                await asyncio.wait([stopper, *running], return_when=asyncio.FIRST_COMPLETED)
+            running = [w for w in self._workers if not w.done()]
+            if running:
                 log.info("shutdown.draining", grace_s=self.cfg.service.shutdown_grace_s,
-                         in_flight=sum(not w.done() for w in workers))
-                _, pending = await asyncio.wait(workers, timeout=self.cfg.service.shutdown_grace_s)
+                         in_flight=self.downloader.in_flight)
+                _, pending = await asyncio.wait(running, timeout=self.cfg.service.shutdown_grace_s)
                 for task in pending:
                     task.cancel("shutdown grace time is over")
                 if pending:
-                    log.warning("shutdown.abandoned", transfers=len(pending))
-            await all_workers
+                    log.warning("shutdown.abandoned", transfers=self.downloader.in_flight)
         finally:
             stopper.cancel()
-            for w in workers:
+            for w in self._workers:
                 w.cancel()
-            await asyncio.gather(stopper, *workers, return_exceptions=True)
+            await asyncio.gather(stopper, *self._workers, return_exceptions=True)
         return self.stats
+
+    @property
+    def workers(self) -> int:
+        """Workers running now, retiring ones excluded."""
+        return sum(not w.done() for w in self._workers) - self._retire
+
+    def set_workers(self, n: int) -> None:
+        """Grow or shrink the pool live (SIGHUP): new workers start at once; surplus ones retire after
+        their current recording, so no in-flight download is dropped."""
+        current = self.workers
+        if n > current:
+            cancel_retire = min(self._retire, n - current)
+            self._retire -= cancel_retire
+            for _ in range(n - current - cancel_retire):
+                self._workers.append(asyncio.create_task(self._worker(len(self._workers)),
+                                                         name=f"worker-{len(self._workers)}"))
+        elif n < current:
+            self._retire += current - n
+        self._wakeup.set()
 
     async def _worker(self, n: int) -> None:
         while not self.stop.is_set() and not self._finished.is_set():
+            if self._retire > 0:
+                self._retire -= 1
+                return
             try:
                 await self._step()
             except Exception as exc:
