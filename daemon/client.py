@@ -32,6 +32,7 @@ from daemon.errors import (
     PbxUnavailableError,
     RecordingMissingError,
     RequestRejectedError,
+    RetryableError,
     TlsError,
     TokenExpiredError,
     TokenLimitError,
@@ -664,6 +665,37 @@ class PbxClient:
     async def check(self) -> RecordingPage:
         """Log in and list one recording: proves URL, TLS, credentials and permission."""
         return await self.list_recordings(page=1, page_size=1)
+
+
+class Webhook:
+    """POSTs JSON to the operator's notification webhook: its own small session, errors translated."""
+
+    def __init__(self, url: str, timeout_s: float, user_agent: str) -> None:
+        self.url = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Webhook:
+        self._session = aiohttp.ClientSession(headers={"User-Agent": self._user_agent},
+                                              cookie_jar=aiohttp.DummyCookieJar())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post(self, body: dict[str, Any]) -> None:
+        """Raises RetryableError when the receiver is unreachable or answers other than 2xx."""
+        assert self._session is not None
+        try:
+            with translate_errors("webhook"):
+                async with self._session.post(self.url, json=body, timeout=self._timeout) as resp:
+                    if not 200 <= resp.status < 300:
+                        raise RetryableError(f"webhook answered HTTP {resp.status}")
+        except PauseError as exc:  # translate_errors speaks of the PBX; this is the webhook receiver
+            raise RetryableError(f"webhook unreachable: {exc.message}") from exc
 
 
 def _int_or(value: Any, default: int) -> int:

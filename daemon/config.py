@@ -137,6 +137,14 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    url: str | None = None
+    timeout_s: float = 10.0
+    pbx_down_after_s: float = 600.0
+    summary_interval_s: float = 86400.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -151,6 +159,7 @@ class Config:
     downloads: DownloadsConfig
     service: ServiceConfig
     logging: LoggingConfig
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -301,6 +310,16 @@ def _base_url(value: Any) -> str:
     url = _text(value).strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError
+    return url
+
+
+def _webhook_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    url = _text(value).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError
     return url
 
@@ -491,6 +510,17 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     )
     sv.finish()
 
+    nt = top.section("notify")
+    no_url: str | None = None
+    notify = NotifyConfig(
+        url=nt.get("url", _webhook_url, no_url, "an http:// or https:// URL, or null"),
+        timeout_s=nt.get("timeout_s", _number, 10.0, "seconds > 0", check=positive),
+        pbx_down_after_s=nt.get("pbx_down_after_s", _number, 600.0, "seconds >= 0", check=non_negative),
+        summary_interval_s=nt.get("summary_interval_s", _number, 86400.0, "seconds >= 1, or 0 for none",
+                                  check=lambda v: v == 0 or v >= 1),
+    )
+    nt.finish()
+
     lg = top.section("logging")
     logging_cfg = LoggingConfig(
         format=lg.get("format", _choice("auto", "json", "console"), "auto", "one of auto, json, console"),  # type: ignore[arg-type]
@@ -520,6 +550,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         downloads=downloads,
         service=service,
         logging=logging_cfg,
+        notify=notify,
         source_path=source_path,
         warnings=tuple(warnings),
     )

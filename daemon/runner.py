@@ -20,6 +20,7 @@ from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError
 from daemon.ledger import Ledger, Ref, RunLock
 from daemon.logs import set_level
+from daemon.notify import Notifier
 from daemon.reconcile import ReconcileReport, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler
@@ -131,15 +132,19 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             else:
                 background.start(_guarded(discovery.run(stop)), "discovery")
         done = asyncio.Event()
-        reporter = None if progress is None else asyncio.create_task(progress(pipeline, done), name="progress")
+        finishing = []  # tasks that get to finish their work after the scheduler, not a cancellation
+        if progress is not None:
+            finishing.append(asyncio.create_task(progress(pipeline, done), name="progress"))
+        if cfg.notify.url is not None:
+            notifier = Notifier(cfg.notify, health, clock, cfg.pbx.user_agent)
+            finishing.append(asyncio.create_task(notifier.run(done), name="notifier"))
         try:
             stats = await scheduler.run()
         finally:
             health.stopping = True
             await background.close()
-            done.set()  # the reporter draws its final line, then ends
-            if reporter is not None:
-                await asyncio.gather(reporter, return_exceptions=True)
+            done.set()  # the reporter draws its final line, the notifier sends what is queued
+            await asyncio.gather(*finishing, return_exceptions=True)
         fatal = scheduler.fatal or discovery_fatal
         counts = await ledger.call(lambda db: db.counts())
     elapsed = clock.monotonic() - started

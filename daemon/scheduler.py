@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._retire = 0
+        self.failures: deque[tuple[int, str, str]] = deque(maxlen=100)  # (sequence, recording, reason)
+        self._failure_seq = 0
 
     def notify(self) -> None:
         """New work was enqueued: wake idle workers."""
@@ -220,6 +223,7 @@ class Scheduler:
                 bound.warning("download.missing", reason=str(exc))
             else:
                 self.stats.failed += 1
+                self._failed(row, str(exc))
                 bound.error("download.failed", reason=str(exc), permanent=True)
         except PbxBusyError as exc:
             self._busy_streak += 1
@@ -271,11 +275,16 @@ class Scheduler:
             now=now))
         if state == "failed":
             self.stats.failed += 1
+            self._failed(row, error)
             log.error("download.failed", recording=row.ref, attempts=attempt, reason=error)
         else:
             self.stats.retried += 1
             log.info("download.retry", recording=row.ref, attempt=attempt, burnt=burn, retry_in_s=round(delay, 2),
                      reason=error)
+
+    def _failed(self, row: Row, reason: str) -> None:
+        self._failure_seq += 1
+        self.failures.append((self._failure_seq, row.ref, reason))
 
     def _pause(self, exc: ArchiverError, reason: str) -> None:
         retry_after = exc.retry_after_s if isinstance(exc, PauseError | RetryableError) else None

@@ -175,9 +175,13 @@ def test_config_example_is_valid_and_documents_every_key(monkeypatch: pytest.Mon
     from daemon import config as c
     for section, cls in [("pbx", c.PbxConfig), ("sources", c.SourcesConfig), ("archive", c.ArchiveConfig),
                          ("downloads", c.DownloadsConfig), ("service", c.ServiceConfig),
-                         ("logging", c.LoggingConfig), ("state", c.StateConfig)]:
+                         ("logging", c.LoggingConfig), ("state", c.StateConfig), ("notify", c.NotifyConfig),
+                         ("tls", c.TlsConfig)]:
         for f in fields(cls):
             assert f"  {f.name}:" in text or f"# {f.name}:" in text, f"{section}.{f.name} missing from the example"
+    for f in fields(c.DiscoverConfig):
+        name = "since" if f.name.startswith("since_") else f.name
+        assert f"    {name}:" in text, f"sources.discover.{name} missing from the example"
 
 
 def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path: Path) -> None:
