@@ -12,10 +12,12 @@ import contextlib
 import email.utils
 import json
 import math
+import os
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -256,10 +258,11 @@ class FileStream:
 class TokenManager:
     """Holds ONE access token per PBX: login, proactive refresh, single-flight renewal, revocation."""
 
-    def __init__(self, client: PbxClient, cfg: PbxConfig, clock: Clock) -> None:
+    def __init__(self, client: PbxClient, cfg: PbxConfig, clock: Clock, store: Path | None = None) -> None:
         self._client = client
         self._cfg = cfg
         self._clock = clock
+        self._store_path = store
         self._lock = asyncio.Lock()
         self._access: str | None = None
         self._access_expires_at = -math.inf
@@ -326,6 +329,58 @@ class TokenManager:
         self._lifetime_s = lifetime
         self._access_expires_at = now + lifetime
         self._refresh_expires_at = now + refresh_lifetime
+        self._save()
+
+    # A process killed without revoking leaves its token live for 30 minutes; the PBX allows 8. So
+    # the pair is kept in a 0600 file beside the ledger and picked up by the next process (a crash
+    # loop then never exhausts the limit), and the file goes when the token is revoked.
+    def _save(self) -> None:
+        if self._store_path is None or self._access is None or self._refresh is None:
+            return
+        wall, mono = self._clock.wall(), self._clock.monotonic()
+        data = {"access_token": self._access, "refresh_token": self._refresh, "lifetime_s": self._lifetime_s,
+                "access_expires_wall": wall + self._access_expires_at - mono,
+                "refresh_expires_wall": wall + self._refresh_expires_at - mono,
+                "pbx": self._cfg.base_url, "client_id": self._cfg.client_id}
+        tmp = self._store_path.with_name(self._store_path.name + ".tmp")
+        try:
+            self._store_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self._store_path)
+        except OSError as exc:
+            log.warning("token.store_failed", error=str(exc))
+
+    def _forget_store(self) -> None:
+        if self._store_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._store_path.unlink()
+
+    def restore(self) -> bool:
+        """Pick up the token a previous process left (same PBX and client id, refresh still valid)."""
+        if self._store_path is None:
+            return False
+        try:
+            data = json.loads(self._store_path.read_text())
+            access, refresh = str(data["access_token"]), str(data["refresh_token"])
+            same = data.get("pbx") == self._cfg.base_url and data.get("client_id") == self._cfg.client_id
+            access_left = float(data["access_expires_wall"]) - self._clock.wall()
+            refresh_left = float(data["refresh_expires_wall"]) - self._clock.wall()
+            lifetime = float(data["lifetime_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not same or refresh_left <= 0:
+            self._forget_store()
+            return False
+        remember_secret(access)
+        remember_secret(refresh)
+        mono = self._clock.monotonic()
+        self._access, self._refresh, self._lifetime_s = access, refresh, lifetime
+        self._access_expires_at = mono + access_left
+        self._refresh_expires_at = mono + refresh_left
+        log.info("token.restored", expires_in_s=round(max(0.0, access_left)))
+        return True
 
     async def _renew(self) -> None:
         if self._fatal is not None:
@@ -366,6 +421,7 @@ class TokenManager:
         """Revoke the current token if it may still be live, so that we never hold two."""
         if self._access is None or self._clock.monotonic() >= self._access_expires_at:
             self._access = self._refresh = None
+            self._forget_store()
             return
         access, self._access, self._refresh = self._access, None, None
         try:
@@ -374,6 +430,7 @@ class TokenManager:
             log.warning("token.revoke_failed", reason=str(exc))
         else:
             log.info("token.revoked")
+            self._forget_store()
 
     async def revoke(self) -> None:
         """Revoke the token on shutdown (the PBX allows only 8 per application)."""
@@ -385,10 +442,10 @@ class PbxClient:
     """An async context manager around one ClientSession; ``close`` revokes the token."""
 
     def __init__(self, cfg: PbxConfig, *, clock: Clock | None = None, read_timeout_s: float = 60.0,
-                 url_lifetime_s: float = 1800.0) -> None:
+                 url_lifetime_s: float = 1800.0, token_store: Path | None = None) -> None:
         self.cfg = cfg
         self.clock = clock or SystemClock()
-        self.tokens = TokenManager(self, cfg, self.clock)
+        self.tokens = TokenManager(self, cfg, self.clock, token_store)
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
         self._session: aiohttp.ClientSession | None = None
         self.health = PbxHealth()
@@ -410,6 +467,7 @@ class PbxClient:
             headers={"User-Agent": self.cfg.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self.tokens.restore()
         return self
 
     async def __aexit__(self, *_exc: object) -> None:

@@ -121,6 +121,7 @@ class DownloadsConfig:
     max_attempts: int = 8
     read_timeout_s: float = 60.0
     min_bytes_per_second: int = 1024
+    throughput_window_s: float = 30.0
     checkpoint_bytes: int = 8 * 1024 * 1024
     url_refresh_margin_s: float = 120.0
     url_lifetime_s: float = 1800.0
@@ -491,6 +492,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         read_timeout_s=dl.get("read_timeout_s", _number, 60.0, "seconds > 0", check=positive),
         min_bytes_per_second=dl.get("min_bytes_per_second", _int, 1024, "bytes per second >= 0",
                                     check=non_negative),
+        throughput_window_s=dl.get("throughput_window_s", _number, 30.0, "seconds > 0", check=positive),
         checkpoint_bytes=dl.get("checkpoint_bytes", _int, 8 * 1024 * 1024, "bytes >= 65536",
                                 check=lambda v: v >= 65536),
         url_refresh_margin_s=dl.get("url_refresh_margin_s", _number, 120.0, "seconds >= 0", check=non_negative),

@@ -43,7 +43,6 @@ from daemon.resolver import RequestGate, Resolver
 log = structlog.get_logger("daemon.downloader")
 
 CHUNK_BYTES = 256 * 1024
-THROUGHPUT_WINDOW_S = 30.0
 MAX_URL_ROUNDS = 3
 
 
@@ -57,9 +56,10 @@ class Archived:
     downloaded: bool
 
 
-def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int) -> bool:
+def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int,
+             full_window_s: float = 30.0) -> bool:
     """True when a full throughput window moved fewer bytes than the floor allows. Pure."""
-    return min_bytes_per_second > 0 and window_s >= THROUGHPUT_WINDOW_S and \
+    return min_bytes_per_second > 0 and window_s >= full_window_s and \
         window_bytes < min_bytes_per_second * window_s
 
 
@@ -233,11 +233,12 @@ class Downloader:
                     self.bytes_downloaded += len(chunk)
                     window_bytes += len(chunk)
                     now = self.last_chunk_at = self.clock.monotonic()
-                    if too_slow(window_bytes, now - window_start, self.cfg.downloads.min_bytes_per_second):
+                    dl = self.cfg.downloads
+                    if too_slow(window_bytes, now - window_start, dl.min_bytes_per_second, dl.throughput_window_s):
                         raise TransferError(f"the transfer is slower than downloads.min_bytes_per_second "
                                             f"({window_bytes} bytes in {now - window_start:.0f} s)",
                                             recording=row.ref)
-                    if now - window_start >= THROUGHPUT_WINDOW_S:
+                    if now - window_start >= dl.throughput_window_s:
                         window_start, window_bytes = now, 0
                     if size - synced >= self.cfg.downloads.checkpoint_bytes:
                         await out.flush()

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -98,7 +99,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             log.info("sources.config_ids", ids=len(refs), added=added)
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
-            url_lifetime_s=cfg.downloads.url_lifetime_s))
+            url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg)))
         gate = RequestGate(cfg.pbx.recording_format)
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
@@ -152,6 +153,11 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
              failed=stats.failed, missing=stats.missing, retries=stats.retried, pauses=stats.pauses,
              bytes=stats.bytes, elapsed_s=round(elapsed, 2), ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed)
+
+
+def token_store_path(cfg: Config) -> Path:
+    """Where a run keeps its PBX token between processes: beside the ledger, mode 0600."""
+    return cfg.state.path.with_name(cfg.state.path.name + ".token")
 
 
 class TaskSet:

@@ -430,3 +430,40 @@ async def test_aiohttp_default_user_agent_is_not_what_we_send(start_sim: SimFact
     async with (aiohttp.ClientSession() as raw,
                 raw.post(f"{sim.base_url}/openapi/v1.0/get_token", json={}, skip_auto_headers=["User-Agent"]) as r):
         assert (await r.json())["errcode"] == 40002
+
+
+async def test_a_crashed_process_token_is_reused_not_leaked(start_sim: SimFactory, tmp_path: Path) -> None:
+    """A process killed without revoking leaves its token; the next one picks it up instead of logging
+    in again, so that a crash loop never runs into the PBX's 8-token limit."""
+    sim = await start_sim(count=2)
+    store = tmp_path / "state" / "ledger.db.token"
+    crashed = PbxClient(pbx_config(sim.base_url), token_store=store)
+    await crashed.__aenter__()
+    await crashed.check()
+    await crashed.session.close()              # dies without revoking
+    assert store.stat().st_mode & 0o777 == 0o600
+    assert sim.counters.logins == 1
+    for _ in range(3):                         # three more lives
+        async with PbxClient(pbx_config(sim.base_url), token_store=store) as client:
+            await client.check()
+        assert not store.exists()              # revoked on a clean exit: nothing left behind
+        assert sim.snapshot()["tokens_live"] == 0
+        crashed = PbxClient(pbx_config(sim.base_url), token_store=store)
+        await crashed.__aenter__()
+        await crashed.check()
+        await crashed.session.close()
+    assert sim.counters.logins == 4            # one per clean exit, none per crash
+    assert sim.snapshot()["tokens_live"] == 1
+
+
+async def test_a_stored_token_for_another_pbx_or_client_is_ignored(start_sim: SimFactory, tmp_path: Path) -> None:
+    sim = await start_sim(count=1)
+    store = tmp_path / "token"
+    crashed = PbxClient(pbx_config(sim.base_url), token_store=store)
+    await crashed.__aenter__()
+    await crashed.check()
+    await crashed.session.close()
+    async with PbxClient(pbx_config(sim.base_url, client_id="other-app", secret=sim.opts.client_secret),
+                         token_store=store) as other:
+        assert not other.tokens.authenticated
+    assert not store.exists()
