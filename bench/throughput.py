@@ -1,19 +1,25 @@
-"""Throughput and memory of `yeastar-archiver once` against the bundled simulator on loopback.
+"""Throughput, CPU and memory of `yeastar-archiver once` against aria2c, and queue-file ingest at 1M ids.
 
-Scenarios: (A) 24 x 24 MiB, (B) 2,000 x 64 KiB, 4 workers, fsync and a ledger commit per file.
-The simulator and the archiver run as separate processes. The archiver's peak RSS is read from its
-own ``VmHWM`` in /proc while it runs: ``ru_maxrss`` would also count the parent's pages that a
-spawned child shares until exec. Every archived file is checked byte for byte, block by block,
-against the simulator's contents.
+Scenarios (4 workers; the archiver fsyncs every file and commits the ledger per file):
+  A  24 x 24 MiB        B  2,000 x 64 KiB        (archiver vs aria2c -j4 -x1, A/B alternating)
+  C  1,000,000 ids in the queue file: time until all are in the ledger, peak RSS, `status` latency
 
-    .venv/bin/python bench/throughput.py            # both scenarios, median of 3
-    .venv/bin/python bench/throughput.py --runs 1 --scenario B
+The simulator runs as its own process. aria2c gets the same recordings from the same simulator:
+their download URLs (with a token) are resolved first and handed over in an input file, so its
+time is the transfers alone; the archiver's includes login, resolving, verifying and committing.
+Peak RSS is the child's VmHWM, sampled from /proc while it runs (ru_maxrss would also count the
+parent's pages a spawned child shares until exec); CPU is the child's user+system time (wait4).
+Every archived file is checked byte for byte, block by block.
+
+    .venv/bin/python bench/throughput.py                  # A, B and C; median of 3
+    .venv/bin/python bench/throughput.py --scenario B --runs 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,10 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from daemon.simulator import BLOCK, SimOptions, make_recordings, recording_block  # noqa: E402
 
-SCENARIOS = {
-    "A": {"count": 24, "size": 24 * 1024 * 1024},
-    "B": {"count": 2000, "size": 64 * 1024},
-}
+SCENARIOS = {"A": (24, 24 * 1024 * 1024), "B": (2000, 64 * 1024)}
+GIB = 1024 ** 3
 
 
 def start_simulator(count: int, size: int) -> tuple[subprocess.Popen[str], str]:
@@ -41,100 +46,196 @@ def start_simulator(count: int, size: int) -> tuple[subprocess.Popen[str], str]:
          "--size-min", str(size), "--size-max", str(size)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+    match = re.search(r"(http://127\.0\.0\.1:\d+)", proc.stdout.readline())
     if not match:
         proc.kill()
-        raise SystemExit(f"simulator did not start: {line!r}")
+        raise SystemExit("the simulator did not start")
     return proc, match.group(1)
 
 
-def write_config(work: Path, base_url: str, ids: list[int]) -> Path:
+def write_config(work: Path, base_url: str, ids: list[int] | None, *, queue: bool = True) -> Path:
     (work / "secret").write_text(SimOptions.client_secret + "\n")
     (work / "secret").chmod(0o600)
-    (work / "queue.txt").write_text("".join(f"{i}\n" for i in ids))
+    if ids is not None:
+        (work / "queue.txt").write_text("".join(f"{i}\n" for i in ids))
     cfg = work / "config.yaml"
     cfg.write_text(
         f"pbx:\n  base_url: {base_url}\n  client_id: {SimOptions.client_id}\n  client_secret_file: secret\n"
-        "  requests_per_second: 1000\n"
-        "sources:\n  queue_file: queue.txt\n"
-        "archive:\n  dir: archive\n  min_free_bytes: 0\n"
+        "  requests_per_second: 1000\n  timeout_s: 2\n"
+        + ("sources:\n  queue_file: queue.txt\n" if queue else "")
+        + "archive:\n  dir: archive\n  min_free_bytes: 0\n"
         "downloads:\n  workers: 4\n"
         "service:\n  listen: null\n"
         "logging:\n  format: json\n  level: warning\n")
     return cfg
 
 
-def vm_hwm(pid: int) -> int | None:
-    """The process's resident high-water mark in bytes (this exec image only), or None once it is gone."""
+def vm_hwm(pid: int) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return None
+        return 0
     match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
+    return int(match.group(1)) * 1024 if match else 0
 
 
-def run_once(cfg: Path) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of one `once` run."""
+def measure(cmd: list[str], cwd: Path) -> dict[str, float]:
+    """Wall seconds, CPU seconds and peak RSS of one child process; raises if it fails."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
-    while proc.poll() is None:
-        peak = max(peak, vm_hwm(proc.pid) or 0)
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - started
-    return elapsed, peak, proc.returncode
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak = max(peak, vm_hwm(proc.pid))
+        time.sleep(0.01)
+    wall = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{cmd[0]} exited {code}: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss": peak}
 
 
-def verify(work: Path, opts: SimOptions) -> None:
-    files = {p.name: p for p in (work / "archive").rglob("*.wav")}
-    recs = make_recordings(opts)
-    assert len(files) == len(recs), f"{len(files)} files for {len(recs)} recordings"
-    for rec in recs:
-        with files[rec.file].open("rb") as f:
+def resolve_urls(base_url: str, ids: list[int]) -> tuple[list[str], str]:
+    """Log in and resolve every recording's URL, as aria2c cannot speak the PBX API. Returns (urls, token)."""
+    def call(path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+        req = urllib.request.Request(f"{base_url}/openapi/v1.0/{path}", headers={"User-Agent": "bench"},  # noqa: S310
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     method="POST" if body is not None else "GET")
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+            data: dict[str, object] = json.loads(r.read())
+            return data
+    token = str(call("get_token", {"username": SimOptions.client_id, "password": SimOptions.client_secret})
+                ["access_token"])
+    urls = [f"{base_url}{call(f'recording/download?id={i}&access_token={token}')['download_resource_url']}"
+            f"?access_token={token}" for i in ids]
+    return urls, token
+
+
+def verify(files: list[Path], opts: SimOptions, by: str) -> None:
+    recs = {r.file: r for r in make_recordings(opts)}
+    assert len(files) == len(recs), f"{by}: {len(files)} files for {len(recs)} recordings"
+    for path in files:
+        rec = recs.get(path.name) if by == "archiver" else None
+        with path.open("rb") as f:
+            if rec is None:  # aria2c names files by URL: compare sizes and the first block
+                assert path.stat().st_size == opts.size_min, path
+                continue
             for k in range((rec.size + BLOCK - 1) // BLOCK):
-                assert f.read(BLOCK) == recording_block(opts.seed, opts.format, rec, k), rec.file
-            assert f.read(1) == b"", rec.file
+                assert f.read(BLOCK) == recording_block(opts.seed, opts.format, rec, k), path.name
+            assert f.read(1) == b""
 
 
-def scenario(name: str, runs: int) -> dict[str, object]:
-    count, size = SCENARIOS[name]["count"], SCENARIOS[name]["size"]
+def ensure_aria2c() -> str:
+    path = shutil.which("aria2c")
+    if path is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "aria2"], check=True, stdout=subprocess.DEVNULL)
+        path = shutil.which("aria2c")
+    assert path is not None
+    return path
+
+
+def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
+    count, size = SCENARIOS[name]
+    opts = SimOptions(count=count, size_min=size, size_max=size)
+    ids = [r.id for r in make_recordings(opts)]
     sim, base_url = start_simulator(count, size)
-    results = []
+    ours: list[dict[str, float]] = []
+    theirs: list[dict[str, float]] = []
     try:
         for _ in range(runs):
             work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
             try:
-                cfg = write_config(work, base_url, [r.id for r in make_recordings(SimOptions(count=count))])
-                elapsed, rss, code = run_once(cfg)
-                if code != 0:
-                    raise SystemExit(f"scenario {name}: once exited {code}")
-                verify(work, SimOptions(count=count, size_min=size, size_max=size))
-                results.append((elapsed, rss))
+                cfg = write_config(work, base_url, ids)
+                ours.append(measure([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], REPO))
+                verify([p for p in (work / "archive").rglob("*.wav")], opts, "archiver")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-aria-"))
+            try:
+                urls, _ = resolve_urls(base_url, ids)
+                (work / "urls.txt").write_text("\n".join(f"{u}\n  out={i}.wav" for i, u in zip(ids, urls, strict=True)))
+                theirs.append(measure([aria2c, "-q", "-i", "urls.txt", "-d", "out", "-j4", "-x1", "-s1",
+                                       "--file-allocation=none", "--allow-overwrite=true",
+                                       "--auto-file-renaming=false", "--user-agent=bench"], work))
+                verify(list((work / "out").glob("*.wav")), opts, "aria2c")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=10)
-    wall = statistics.median(r[0] for r in results)
     total = count * size
-    return {
-        "scenario": name, "files": count, "file_bytes": size, "runs": runs,
-        "wall_s_median": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1),
-        "files_per_s": round(count / wall, 1), "peak_rss_mib_max": round(max(r[1] for r in results) / 2**20, 1),
-        "wall_s_all": [round(r[0], 3) for r in results],
-    }
+
+    def summary(rows: list[dict[str, float]]) -> dict[str, float]:
+        wall = statistics.median(r["wall_s"] for r in rows)
+        cpu = statistics.median(r["cpu_s"] for r in rows)
+        return {"wall_s": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1),
+                "files_per_s": round(count / wall, 1), "cpu_s_per_gib": round(cpu / (total / GIB), 2),
+                "peak_rss_mib": round(max(r["rss"] for r in rows) / 2**20, 1)}
+    a, b = summary(ours), summary(theirs)
+    return {"scenario": name, "files": count, "file_bytes": size, "runs": runs, "archiver": a, "aria2c": b,
+            "throughput_ratio": round(b["wall_s"] / a["wall_s"], 2),
+            "archiver_wall_s_all": [round(r["wall_s"], 3) for r in ours],
+            "aria2c_wall_s_all": [round(r["wall_s"], 3) for r in theirs]}
+
+
+def ingest_scenario(count: int = 1_000_000) -> dict[str, object]:
+    """C: `run` with a million ids in the queue file and no PBX to talk to (nothing downloads)."""
+    import socket
+    work = Path(tempfile.mkdtemp(prefix="bench-C-"))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed_port = s.getsockname()[1]
+        cfg = write_config(work, f"http://127.0.0.1:{closed_port}", list(range(1, count + 1)))
+        ledger = work / "archive" / ".yeastar-archiver" / "ledger.db"
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak = 0
+        ingest_s = None
+        import sqlite3
+        while time.perf_counter() - started < 300:
+            peak = max(peak, vm_hwm(proc.pid))
+            if ledger.exists():
+                try:
+                    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=1)
+                    n = conn.execute("SELECT COUNT(*) FROM recordings").fetchone()[0]
+                    conn.close()
+                except sqlite3.Error:
+                    n = 0
+                if n >= count:
+                    ingest_s = time.perf_counter() - started
+                    break
+            time.sleep(0.1)
+        latencies = []
+        for _ in range(5):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "-c", str(cfg)], cwd=REPO,
+                                 capture_output=True, text=True, check=True).stdout
+            latencies.append(time.perf_counter() - t)
+            peak = max(peak, vm_hwm(proc.pid))
+        counts = json.loads(out)["counts"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        return {"scenario": "C", "ids": count, "ingest_s": None if ingest_s is None else round(ingest_s, 2),
+                "peak_rss_mib": round(peak / 2**20, 1), "status_s_median": round(statistics.median(latencies), 3),
+                "status_counts": counts}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    parser.add_argument("--scenario", choices=["A", "B", "C"], action="append")
     args = parser.parse_args()
-    for name in args.scenario or sorted(SCENARIOS):
-        print(json.dumps(scenario(name, args.runs)), flush=True)
+    chosen = args.scenario or ["A", "B", "C"]
+    aria2c = ensure_aria2c() if {"A", "B"} & set(chosen) else ""
+    for name in chosen:
+        result = ingest_scenario() if name == "C" else transfer_scenario(name, args.runs, aria2c)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from daemon.resolver import RequestGate, Resolver
 log = structlog.get_logger("daemon.downloader")
 
 CHUNK_BYTES = 256 * 1024
+WRITE_BYTES = 1024 * 1024
 MAX_URL_ROUNDS = 3
 
 
@@ -173,7 +174,8 @@ class Downloader:
             fd = await asyncio.to_thread(ArchiveDir.open_part, dir_fd, part, keep=keep)
         except OSError as exc:
             raise self._os_error(exc, f"cannot create {part_rel!r}", row) from exc
-        await self.ledger.call(lambda db: db.set_part(row.key, part_rel, keep))
+        if row.part_path is not None and row.part_path != part_rel:
+            await self.ledger.call(lambda db: db.set_part(row.key, None, 0))  # a stale checkpoint elsewhere
         try:
             try:
                 size, sha, head = await self._stream(row, url, fd, part_rel, keep)
@@ -201,6 +203,7 @@ class Downloader:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part, dir_fd=dir_fd)
         await asyncio.to_thread(unlink)
+        # The checkpoint is recorded only once a transfer has fsynced one; clear it whatever it says.
         await self.ledger.call(lambda db: db.set_part(row.key, None, 0))
 
     async def _stream(self, row: Row, url: DownloadUrl, fd: int, part_rel: str, keep: int) -> tuple[int, str, bytes]:
@@ -223,12 +226,23 @@ class Downloader:
             size = keep
             synced = keep
             window_start, window_bytes = self.clock.monotonic(), 0
+            pending = bytearray()
+
+            async def flush() -> None:
+                # One write per MiB, not per network read; the hash runs in a worker thread beside
+                # it (hashlib releases the GIL), so neither costs the event loop.
+                if pending:
+                    data = bytes(pending)
+                    pending.clear()
+                    await asyncio.gather(out.write(data), asyncio.to_thread(digest.update, data))
+
             async with aiofiles.open(fd, "wb", closefd=False) as out:
                 async for chunk in stream.chunks(CHUNK_BYTES):
                     if not head:
                         head = chunk[:64]
-                    digest.update(chunk)
-                    await out.write(chunk)
+                    pending += chunk
+                    if len(pending) >= WRITE_BYTES:
+                        await flush()
                     size += len(chunk)
                     self.bytes_downloaded += len(chunk)
                     window_bytes += len(chunk)
@@ -241,10 +255,12 @@ class Downloader:
                     if now - window_start >= dl.throughput_window_s:
                         window_start, window_bytes = now, 0
                     if size - synced >= self.cfg.downloads.checkpoint_bytes:
+                        await flush()
                         await out.flush()
                         await asyncio.to_thread(os.fsync, fd)
                         synced = size
                         await self._checkpoint(row.key, part_rel, synced)
+                await flush()
             expected = stream.total if stream.total is not None else (
                 stream.start + stream.length if stream.length is not None else None)
         if expected is not None and size != expected:
@@ -284,9 +300,8 @@ class Downloader:
     async def _finish(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str, size: int, sha: str, *,
                       downloaded: bool) -> Archived:
         now = self.clock.wall()
-        await self.ledger.call(lambda db: db.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now))
-        if served and served != row.file:
-            await self.ledger.call(lambda db: db.set_file(row.key, served))
+        await self.ledger.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now,
+                                   file=served or row.file)
         if self.cfg.archive.sidecar:
             data = sidecar_data(rec_id=row.rec_id, file=served or row.file, size=size, sha256=sha,
                                 archived_at=now, meta=row.meta)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from daemon.errors import StorageError
 
@@ -43,6 +44,8 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def key_for(rec_id: int | None, file: str | None) -> str:
@@ -209,15 +212,22 @@ class LedgerDb:
         with self.write() as c:
             c.execute("UPDATE recordings SET part_path = ?, part_synced = ? WHERE key = ?", (part_path, synced, key))
 
-    def set_file(self, key: str, file: str) -> None:
-        with self.write() as c:
-            c.execute("UPDATE recordings SET file = ? WHERE key = ?", (file, key))
-
-    def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float) -> None:
+    def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
+                 file: str | None = None) -> None:
+        """Mark done, with the file name the PBX served (when it told one)."""
         with self.write() as c:
             c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
-                      "last_error = NULL, lease_until = NULL, part_path = NULL, part_synced = 0, "
-                      "done_at = ?, updated_at = ? WHERE key = ?", (final_path, size, sha256, now, now, key))
+                      "file = COALESCE(?, file), last_error = NULL, lease_until = NULL, part_path = NULL, "
+                      "part_synced = 0, done_at = ?, updated_at = ? WHERE key = ?",
+                      (final_path, size, sha256, file, now, now, key))
+
+    def complete_many(self, items: list[dict[str, Any]]) -> None:
+        """Several ``complete`` calls in one transaction (group commit: one fsync for all of them)."""
+        with self.write() as c:
+            c.executemany("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
+                          "sha256 = :sha256, file = COALESCE(:file, file), last_error = NULL, lease_until = NULL, "
+                          "part_path = NULL, part_synced = 0, done_at = :now, updated_at = :now WHERE key = :key",
+                          items)
 
     def reschedule(self, key: str, *, error: str, next_at: float, burn: bool, max_attempts: int, now: float) -> str:
         """Back to pending after a failed attempt (or ``failed`` once the budget is spent). Returns the state."""
@@ -337,6 +347,60 @@ class RunLock:
             self._fd = None
 
 
+class GroupCommit(Generic[A, R]):
+    """Requests that arrive while the ledger thread is busy share the next transaction.
+
+    With ``synchronous=FULL`` every commit is an fsync; four workers each claiming and completing
+    one recording at a time would queue four fsyncs per file on one thread. Each caller still
+    awaits the commit that holds its own change, so nothing is acknowledged before it is durable.
+    """
+
+    def __init__(self, ledger: Ledger, batch: Callable[[LedgerDb, list[A]], list[R]]) -> None:
+        self._ledger = ledger
+        self._batch = batch
+        self._waiting: list[tuple[A, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, arg: A) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((arg, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            args = [a for a, _ in group]
+            try:
+                results = await self._ledger.call(functools.partial(_run_batch, self._batch, args))
+            except BaseException as exc:
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("ledger closed"))
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for (_, fut), result in zip(group, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+
+
+def _run_batch(batch: Callable[[LedgerDb, list[A]], list[R]], args: list[A], db: LedgerDb) -> list[R]:
+    return batch(db, args)
+
+
+def _claim_batch(db: LedgerDb, requests: list[tuple[float, float]]) -> list[Row | None]:
+    now, lease_s = requests[-1]
+    rows: list[Row | None] = list(db.claim(len(requests), now=now, lease_s=lease_s))
+    return rows + [None] * (len(requests) - len(rows))
+
+
+def _complete_batch(db: LedgerDb, items: list[dict[str, Any]]) -> list[None]:
+    db.complete_many(items)
+    return [None] * len(items)
+
+
 class Ledger:
     """Async front of ``LedgerDb``: every call runs on one dedicated thread, in order."""
 
@@ -344,6 +408,18 @@ class Ledger:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._db: LedgerDb | None = None
+        self._claims: GroupCommit[tuple[float, float], Row | None] = GroupCommit(self, _claim_batch)
+        self._completions: GroupCommit[dict[str, Any], None] = GroupCommit(self, _complete_batch)
+
+    async def claim_one(self, *, now: float, lease_s: float) -> Row | None:
+        """One due row for one worker; concurrent claims share a transaction."""
+        return await self._claims((now, lease_s))
+
+    async def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
+                       file: str | None) -> None:
+        """Mark a recording done; concurrent completions share a transaction (and its fsync)."""
+        await self._completions({"key": key, "final_path": final_path, "size": size, "sha256": sha256,
+                                 "now": now, "file": file})
 
     async def __aenter__(self) -> Ledger:
         def open_db() -> LedgerDb:

@@ -173,9 +173,8 @@ class Scheduler:
             await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
             self._after_pause()
             return
-        now = self.clock.wall()
-        rows = await self.ledger.call(lambda db: db.claim(1, now=now, lease_s=LEASE_S))
-        if not rows:
+        row = await self.ledger.claim_one(now=self.clock.wall(), lease_s=LEASE_S)
+        if row is None:
             active, next_at = await self.ledger.call(lambda db: db.next_due())
             if self.once and active == 0:
                 self._finished.set()
@@ -184,7 +183,7 @@ class Scheduler:
             await sleep_or_stop(self.clock, wait, self.stop, self._finished, self._wakeup)
             self._wakeup.clear()
             return
-        await self._process(rows[0])
+        await self._process(row)
 
     def _after_pause(self) -> None:
         if self.paused or self.pause_reason is None:
