@@ -119,17 +119,23 @@ class Downloader:
         rel = final_relpath(self.cfg.archive.layout, naming, dt.datetime.fromtimestamp(self.clock.wall(), dt.UTC))
         listing_size = expected_listing_size(row, served)
         try:
-            dir_fd = await asyncio.to_thread(self.archive.open_dir, rel.parent, create=True)
+            # One thread hop for the folder and the final name's status (the common case: absent).
+            dir_fd, final_st = await asyncio.to_thread(self._prepare, rel)
         except OSError as exc:
             raise self._os_error(exc, f"cannot create {str(rel.parent)!r}", row) from exc
         try:
-            adopted = await self._adopt_existing(row, dir_fd, rel, served, listing_size)
-            if adopted is not None:
-                return adopted
+            if final_st is not None:
+                adopted = await self._adopt_existing(row, dir_fd, rel, served, listing_size, final_st)
+                if adopted is not None:
+                    return adopted
             await self._check_free_space(listing_size)
             return await self._download(row, url, dir_fd, rel, served, listing_size)
         finally:
             os.close(dir_fd)
+
+    def _prepare(self, rel: PurePosixPath) -> tuple[int, os.stat_result | None]:
+        dir_fd = self.archive.open_dir(rel.parent, create=True)
+        return dir_fd, ArchiveDir.lstat(dir_fd, rel.name)
 
     def _os_error(self, exc: OSError, what: str, row: Row) -> Exception:
         err = storage_error(exc, what)
@@ -148,10 +154,9 @@ class Downloader:
             raise StorageError(f"only {free} bytes free in archive.dir (archive.min_free_bytes is {floor})")
 
     async def _adopt_existing(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str,
-                              listing_size: int | None) -> Archived | None:
+                              listing_size: int | None, st: os.stat_result) -> Archived | None:
         """A verified file already under the final name is adopted, not downloaded again."""
-        st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, rel.name)
-        if st is None or not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             return None
         if listing_size is not None and st.st_size != listing_size:
             return None  # a different recording holds this name: download and keep both
@@ -187,15 +192,16 @@ class Downloader:
             if problem is not None:
                 await self._discard(row, dir_fd, part)
                 raise TransferError(problem, recording=row.ref)
-            try:
-                await asyncio.to_thread(os.fsync, fd)
-            except OSError as exc:
-                # Never retry an fsync: the page cache may have dropped the data. Start over.
-                await self._discard(row, dir_fd, part)
-                raise self._os_error(exc, "fsync of the downloaded file failed", row) from exc
-        finally:
+        except BaseException:
             os.close(fd)
-        final = await self._commit(row, dir_fd, rel, part, sha)
+            raise
+        try:
+            linked = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
+        except OSError as exc:
+            # Never retry an fsync: the page cache may have dropped the data. Start over.
+            await self._discard(row, dir_fd, part)
+            raise self._os_error(exc, f"committing {part_rel!r} failed", row) from exc
+        final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, sha)
         return await self._finish(row, dir_fd, final, served, size, sha, downloaded=True)
 
     async def _discard(self, row: Row, dir_fd: int, part: str) -> None:
@@ -278,12 +284,15 @@ class Downloader:
     async def _checkpoint(self, key: str, part_rel: str, synced: int) -> None:
         await self.ledger.call(lambda db: db.set_part(key, part_rel, synced))
 
-    async def _commit(self, row: Row, dir_fd: int, rel: PurePosixPath, part: str, sha: str) -> PurePosixPath:
-        """Link the temp file to its final name; never clobber. Returns the name it ended under."""
+    async def _commit_elsewhere(self, row: Row, dir_fd: int, rel: PurePosixPath, part: str,
+                                sha: str) -> PurePosixPath:
+        """The final name was taken when the temp file (fsynced) was linked: identical bytes are adopted,
+        different bytes go under an alternate name; nothing is ever clobbered."""
         name = rel.name
-        for candidate in (name, alternate_name(name, str(row.rec_id) if row.rec_id is not None else sha[:12])):
+        for n, candidate in enumerate((name, alternate_name(name, str(row.rec_id) if row.rec_id is not None
+                                                            else sha[:12]))):
             try:
-                if await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate):
+                if n and await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate):
                     return rel.parent / candidate
                 _, existing_sha, _ = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, candidate)
             except OSError as exc:
@@ -328,6 +337,16 @@ def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:
         digest.update(chunk)
         offset += len(chunk)
     return head, digest
+
+
+def _seal_and_link(fd: int, dir_fd: int, part: str, final: str) -> bool:
+    """fsync and close the temp file, then link it to its final name and fsync the folder, in one
+    thread hop. False when the final name is taken (the temp file stays for the caller)."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return ArchiveDir.commit(dir_fd, part, final)
 
 
 def _truncate(fd: int) -> None:
