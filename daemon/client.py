@@ -619,7 +619,8 @@ class PbxClient:
                         use_range = False
                         continue
                     start = offset
-                first = await self._peek_envelope(resp, recording)
+                # A 206 body starts mid-recording, where any byte may stand: never read it as an envelope.
+                first = await self._peek_envelope(resp, recording) if resp.status == 200 else b""
                 if first is None:
                     if not token_retried:
                         token_retried = True

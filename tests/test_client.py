@@ -467,3 +467,19 @@ async def test_a_stored_token_for_another_pbx_or_client_is_ignored(start_sim: Si
                          token_store=store) as other:
         assert not other.tokens.authenticated
     assert not store.exists()
+
+
+@pytest.mark.parametrize("lead", [b"<", b"{"])
+async def test_a_resumed_body_that_starts_like_markup_is_still_the_recording(start_sim: SimFactory,
+                                                                            lead: bytes) -> None:
+    """Found by the 200-kill soak: a resume point whose byte is '<' was taken for an HTML page, on
+    every attempt, until the recording failed. A 206 body starts mid-file; any byte may stand there."""
+    sim = await start_sim(count=1, size_min=300_000, size_max=300_000)
+    rec = sim.recordings[0]
+    content = sim.content(rec)
+    offset = content.index(lead, 1000)
+    async with PbxClient(pbx_config(sim.base_url)) as client:
+        url = (await client.resolve_download(rec_id=rec.id)).url
+        start, total, body, status = await _fetch(client, url, offset=offset)
+    assert (status, start, total) == (206, offset, rec.size)
+    assert body == content[offset:]
