@@ -37,19 +37,12 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that moves only when told to.
+    """A clock that moves only when told to (``advance``), or by ``sleep``: virtual time, so that
+    pacing and back-off never make a test wait while expiries stay under the test's control."""
 
-    With ``auto_advance`` (the default) ``sleep`` moves the clock forward itself and returns at once:
-    virtual time, so that pacing and back-off never make a test wait. Without it, ``sleep`` returns
-    once ``advance`` passes its deadline.
-    """
-
-    def __init__(self, start: float = 1000.0, wall_start: float = 1_700_000_000.0, *,
-                 auto_advance: bool = True) -> None:
+    def __init__(self, start: float = 1000.0, wall_start: float = 1_700_000_000.0) -> None:
         self._now = start
-        self._auto_advance = auto_advance
         self._wall_offset = wall_start - start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def monotonic(self) -> float:
         return self._now
@@ -58,22 +51,12 @@ class ManualClock:
         return self._now + self._wall_offset
 
     async def sleep(self, seconds: float) -> None:
-        if seconds <= 0 or self._auto_advance:
-            self.advance(max(0.0, seconds))
-            await asyncio.sleep(0)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self._now + seconds, fut))
-        await fut
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)
 
     def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper whose deadline has passed."""
+        """Move time forward."""
         self._now += seconds
-        due = [(t, f) for t, f in self._sleepers if t <= self._now]
-        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._now]
-        for _, fut in due:
-            if not fut.done():
-                fut.set_result(None)
 
 
 async def sleep_or_stop(clock: Clock, seconds: float, *events: asyncio.Event) -> bool:

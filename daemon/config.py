@@ -11,7 +11,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -448,19 +448,17 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     if not verify:
         warnings.append("pbx.tls.verify is false: the PBX certificate is NOT checked; set pbx.tls.ca_file instead")
 
-    pbx_cfg_kwargs = dict(
-        recording_format=pbx.get("recording_format", _choice("auto", "wav", "mp3"), "auto", "one of auto, wav, mp3"),
-        requests_per_second=pbx.get("requests_per_second", _number, 5.0, "a number of requests per second > 0",
-                                    check=positive),
-        timeout_s=pbx.get("timeout_s", _number, 30.0, "seconds > 0", check=positive),
-        user_agent=pbx.get("user_agent", _text, "OpenAPI", "a non-empty User-Agent (the PBX requires one)",
-                           check=lambda v: bool(v.strip())),
-        token_refresh_margin_s=pbx.get("token_refresh_margin_s", _number, 120.0, "seconds >= 0",
-                                       check=non_negative),
-        token_limit_backoff_s=pbx.get("token_limit_backoff_s", _number, 600.0, "seconds > 0", check=positive),
-        auth_retry_interval_s=pbx.get("auth_retry_interval_s", _number, 900.0, "seconds >= 60",
-                                      check=lambda v: v >= 60),
-    )
+    recording_format = cast(RecordingFormat, pbx.get("recording_format", _choice("auto", "wav", "mp3"), "auto",
+                                                     "one of auto, wav, mp3"))
+    requests_per_second = pbx.get("requests_per_second", _number, 5.0, "a number of requests per second > 0",
+                                  check=positive)
+    timeout_s = pbx.get("timeout_s", _number, 30.0, "seconds > 0", check=positive)
+    user_agent = pbx.get("user_agent", _text, "OpenAPI", "a non-empty User-Agent (the PBX requires one)",
+                         check=lambda v: bool(v.strip()))
+    token_refresh_margin_s = pbx.get("token_refresh_margin_s", _number, 120.0, "seconds >= 0", check=non_negative)
+    token_limit_backoff_s = pbx.get("token_limit_backoff_s", _number, 600.0, "seconds > 0", check=positive)
+    auth_retry_interval_s = pbx.get("auth_retry_interval_s", _number, 900.0, "seconds >= 60",
+                                    check=lambda v: v >= 60)
     pbx.finish()
 
     src = top.section("sources")
@@ -525,9 +523,10 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
 
     lg = top.section("logging")
     logging_cfg = LoggingConfig(
-        format=lg.get("format", _choice("auto", "json", "console"), "auto", "one of auto, json, console"),  # type: ignore[arg-type]
-        level=lg.get("level", _choice("debug", "info", "warning", "error"), "info",  # type: ignore[arg-type]
-                     "one of debug, info, warning, error"),
+        format=cast(LogFormat, lg.get("format", _choice("auto", "json", "console"), "auto",
+                                      "one of auto, json, console")),
+        level=cast(LogLevel, lg.get("level", _choice("debug", "info", "warning", "error"), "info",
+                                    "one of debug, info, warning, error")),
     )
     lg.finish()
     top.finish()
@@ -544,7 +543,10 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         pbx=PbxConfig(
             base_url=base_url, api_path=api_path, client_id=client_id.strip(),
             client_secret=Secret(secret_value.strip()), client_secret_file=secret_file,
-            tls=TlsConfig(verify=verify, ca_file=ca_file), **pbx_cfg_kwargs,  # type: ignore[arg-type]
+            tls=TlsConfig(verify=verify, ca_file=ca_file), recording_format=recording_format,
+            requests_per_second=requests_per_second, timeout_s=timeout_s, user_agent=user_agent,
+            token_refresh_margin_s=token_refresh_margin_s, token_limit_backoff_s=token_limit_backoff_s,
+            auth_retry_interval_s=auth_retry_interval_s,
         ),
         sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll, discover=discover),
         archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free),

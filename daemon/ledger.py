@@ -434,10 +434,6 @@ class Ledger:
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
-    @property
-    def existed(self) -> bool:
-        return self._db is not None and self._db.existed
-
     async def call(self, fn: Callable[[LedgerDb], T]) -> T:
         """Run ``fn(db)`` on the ledger thread."""
         db = self._db

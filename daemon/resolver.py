@@ -66,7 +66,6 @@ class Resolver:
         self._gate = gate
         self._margin_s = margin_s
         self._urls: dict[str, DownloadUrl] = {}
-        self.resolutions = 0
 
     async def url_for(self, key: str, *, rec_id: int | None, file: str | None) -> DownloadUrl:
         """A URL valid for at least the margin; resolves (through the gate) when needed."""
@@ -79,7 +78,6 @@ class Resolver:
                 url = await self._client.resolve_download(rec_id=rec_id, file=None if rec_id is not None else file)
                 if self._on_resolve is not None:
                     self._on_resolve(self._clock.monotonic() - started)
-            self.resolutions += 1
             self._gate.learn(url.file)
             self._urls[key] = url
         assert url is not None

@@ -194,9 +194,7 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port))
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = self._runner.addresses[-1][1]
         self.health.listen_port = self.port
         log.info("service.listening", listen=f"{host}:{self.port}")
 

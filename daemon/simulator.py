@@ -229,10 +229,7 @@ class Simulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
-        server = site._server
-        assert server is not None
-        sock = server.sockets[0]  # type: ignore[attr-defined]
-        bound_port = sock.getsockname()[1]
+        bound_port = self._runner.addresses[-1][1]
         scheme = "https" if ssl_context is not None else "http"
         self.base_url = f"{scheme}://{host}:{bound_port}"
         if self.opts.new_every_s > 0 and self._grower is None:
