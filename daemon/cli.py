@@ -256,10 +256,15 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def once_exit_code(result: RunResult) -> int:
-    """3 when the PBX refused us, 1 when any recording ended failed, else 0."""
+    """3 when the PBX refused us, 1 when any recording ended failed or work was left (gave up), else 0."""
     if result.fatal is not None:
         print(f"once: PBX refused us: {result.fatal}", file=sys.stderr)
         return EXIT_AUTH
+    if result.gave_up:
+        left = result.counts.get("pending", 0) + result.counts.get("in_progress", 0)
+        print(f"once: gave up after downloads.once_give_up_s paused; {left} recording(s) left pending",
+              file=sys.stderr)
+        return EXIT_FAILED_ITEMS
     return EXIT_FAILED_ITEMS if result.counts.get("failed", 0) else EXIT_OK
 
 

@@ -128,6 +128,7 @@ class DownloadsConfig:
     backoff_base_s: float = 2.0
     backoff_max_s: float = 600.0
     pause_max_s: float = 300.0
+    once_give_up_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -498,6 +499,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         backoff_base_s=dl.get("backoff_base_s", _number, 2.0, "seconds > 0", check=positive),
         backoff_max_s=dl.get("backoff_max_s", _number, 600.0, "seconds > 0", check=positive),
         pause_max_s=dl.get("pause_max_s", _number, 300.0, "seconds > 0", check=positive),
+        once_give_up_s=dl.get("once_give_up_s", _number, 900.0, "seconds > 0", check=positive),
     )
     dl.finish()
 

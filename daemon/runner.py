@@ -41,6 +41,7 @@ class RunResult:
     reconcile: ReconcileReport
     fatal: FatalAuthError | None
     elapsed_s: float
+    gave_up: bool = False
 
 
 @dataclass
@@ -152,7 +153,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
              failed=stats.failed, missing=stats.missing, retries=stats.retried, pauses=stats.pauses,
              bytes=stats.bytes, elapsed_s=round(elapsed, 2), ledger=counts)
-    return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed)
+    return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
+                     gave_up=scheduler.gave_up)
 
 
 def token_store_path(cfg: Config) -> Path:

@@ -89,6 +89,8 @@ class Scheduler:
         self.fatal: FatalAuthError | None = None
         self.paused_until = 0.0
         self.pause_reason: str | None = None
+        self.paused_since: float | None = None
+        self.gave_up = False
         self._pause_streak = 0
         self._probed_streak = 0
         self._busy_streak = 0
@@ -169,6 +171,15 @@ class Scheduler:
     async def _step(self) -> None:
         """One turn of a worker: wait out a pause, or claim and process one row, or idle briefly."""
         self.last_turn_at = self.clock.monotonic()
+        if self.once and self.paused_since is not None and \
+                self.last_turn_at - self.paused_since > self.cfg.downloads.once_give_up_s:
+            # once is for cron and timers: an outage must end it, not hang it. Nothing is marked
+            # failed; the next run picks the work up.
+            log.error("once.gave_up", reason=self.pause_reason,
+                      paused_s=round(self.last_turn_at - self.paused_since))
+            self.gave_up = True
+            self._finished.set()
+            return
         if self.paused:
             await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
             self._after_pause()
@@ -246,6 +257,7 @@ class Scheduler:
                 log.info("pipeline.resumed", after=self.pause_reason)
                 self._pause_streak = 0
                 self.pause_reason = None
+                self.paused_since = None
             self.stats.archived += 1
             self.last_success_wall = self.clock.wall()
             if self.on_archived is not None:
@@ -292,6 +304,8 @@ class Scheduler:
             return  # already paused: one outage is one step of the back-off, whatever the worker count
         self._pause_streak += 1
         self.stats.pauses += 1
+        if self.paused_since is None:
+            self.paused_since = now
         delay = pause_delay(self._pause_streak, retry_after, self.cfg.downloads.pause_max_s, self.rand())
         self.paused_until = now + delay
         self.pause_reason = reason

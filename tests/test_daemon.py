@@ -152,3 +152,17 @@ def test_once_exit_codes(tmp_path: Path) -> None:
         assert sim_counters(base_url)["failed_logins"] == before + 1
         assert "not-the-secret" not in result.stderr
         assert _status(refused)["pending"] == 3
+
+
+def test_once_gives_up_on_a_long_outage_with_exit_1_and_nothing_failed(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path, f"http://127.0.0.1:{port}", extra={
+        "sources": {"ids": [1000, 1001]}, "downloads": {"once_give_up_s": 1, "pause_max_s": 0.3}})
+    result = run_cli("once", "-c", str(cfg), timeout=60)
+    assert result.returncode == 1
+    assert "gave up" in result.stderr and "2 recording(s) left pending" in result.stderr
+    counts = _status(cfg)
+    assert counts["pending"] == 2 and counts["failed"] == 0
