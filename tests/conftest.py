@@ -130,3 +130,14 @@ def sim_counters(base_url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{base_url}/_sim/counters", timeout=5) as r:  # noqa: S310 - loopback only
         data: dict[str, Any] = json.loads(r.read())
         return data
+
+
+async def serve_on_loopback(handler: Any) -> tuple[Any, str]:
+    """A one-route aiohttp server on 127.0.0.1 (any method, any path): (runner to clean up, base URL)."""
+    from aiohttp import web
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[-1][1]}"

@@ -34,7 +34,7 @@ from daemon.errors import (
     TransferError,
     UrlExpiredError,
 )
-from tests.conftest import SimFactory, pbx_config
+from tests.conftest import SimFactory, pbx_config, serve_on_loopback
 
 # ---------------------------------------------------------------- pure decisions, as tables
 
@@ -326,23 +326,12 @@ async def test_connection_refused_is_pbx_unavailable() -> None:
     assert "cannot connect" in str(info.value)
 
 
-async def _one_route_server(handler: Any) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize(("status", "header", "retry_after"), [(503, "7", 7.0), (429, "120", 120.0), (500, None, None)])
 async def test_http_errors_are_busy_with_the_server_retry_after(status: int, header: str | None,
                                                                 retry_after: float | None) -> None:
     async def handler(_request: web.Request) -> web.Response:
         return web.Response(status=status, headers={"Retry-After": header} if header else {})
-    runner, url = await _one_route_server(handler)
+    runner, url = await serve_on_loopback(handler)
     try:
         async with PbxClient(pbx_config(url)) as client:
             with pytest.raises(PbxBusyError) as info:

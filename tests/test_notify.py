@@ -16,7 +16,7 @@ from daemon.config import load_config
 from daemon.notify import message, pause_kind, should_announce_pause
 from daemon.runner import run_pipeline
 from daemon.service import Health
-from tests.conftest import SimFactory, write_config
+from tests.conftest import SimFactory, serve_on_loopback, write_config
 
 
 @pytest.mark.parametrize(("reason", "kind"), [
@@ -59,14 +59,8 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield rec, f"http://127.0.0.1:{port}/hook"
+    runner, base = await serve_on_loopback(rec.handle)
+    yield rec, f"{base}/hook"
     await runner.cleanup()
 
 
