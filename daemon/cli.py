@@ -407,8 +407,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- demo
 DEMO_OPTIONS = SimOptions(
-    count=200, size_min=60_000, size_max=1_500_000, token_lifetime_s=4, url_lifetime_s=3,
-    cut_rate=0.02, http500_rate=0.01, errcode_rate=0.01,
+    # Paced like a small PBX, with lifetimes short enough that token refreshes and URL renewals
+    # really happen during the few seconds the tour lasts.
+    count=200, size_min=60_000, size_max=1_500_000, token_lifetime_s=3, url_lifetime_s=2,
+    bytes_per_second=6_000_000, cut_rate=0.02, http500_rate=0.01, errcode_rate=0.01,
 )
 
 
@@ -438,7 +440,7 @@ def write_demo_config(directory: Path, base_url: str, opts: SimOptions, *, ids: 
         "  backoff_base_s: 0.2\n"
         "  backoff_max_s: 2\n"
         "  pause_max_s: 2\n"
-        "  url_lifetime_s: 3\n"
+        f"  url_lifetime_s: {opts.url_lifetime_s:g}\n"
         "  url_refresh_margin_s: 1\n"
         "service:\n"
         "  listen: null\n"
