@@ -238,7 +238,6 @@ class FileStream:
         self.start = start
         self.total = total
         self.length = response.content_length
-        self.content_type = response.headers.get("Content-Type", "")
         self._response = response
         self._first = first
         self._recording = recording

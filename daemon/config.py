@@ -601,3 +601,12 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         key = f"{prefix}.{f.name}" if prefix else f.name
         out += changed_keys(getattr(old, f.name), getattr(new, f.name), key)
     return out
+
+
+def with_keys(old: Any, new: Any, keys: list[str]) -> Any:
+    """``old`` with the values at the dotted ``keys`` taken from ``new`` (what a reload applied). Pure."""
+    for key in keys:
+        head, _, rest = key.partition(".")
+        value = getattr(new, head) if not rest else with_keys(getattr(old, head), getattr(new, head), [rest])
+        old = dataclasses.replace(old, **{head: value})
+    return old

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import structlog
 from daemon.archive import ArchiveDir
 from daemon.client import PbxClient
 from daemon.clock import Clock, SystemClock, sleep_or_stop
-from daemon.config import LIVE_KEYS, Config, changed_keys, load_config
+from daemon.config import LIVE_KEYS, Config, changed_keys, load_config, with_keys
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError
@@ -152,7 +151,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
     elapsed = clock.monotonic() - started
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
              failed=stats.failed, missing=stats.missing, retries=stats.retried, pauses=stats.pauses,
-             bytes=stats.bytes, elapsed_s=round(elapsed, 2), ledger=counts)
+             bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2), ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
                      gave_up=scheduler.gave_up)
 
@@ -299,18 +298,7 @@ async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Sched
             log.warning("config.restart_required", keys=restart,
                         action="these changes take effect at the next restart")
         # What was applied is now current; what needs a restart stays as running.
-        current = _merge_live(current, new)
-
-
-def _merge_live(current: Config, new: Config) -> Config:
-    return dataclasses.replace(
-        current,
-        logging=dataclasses.replace(current.logging, level=new.logging.level),
-        sources=dataclasses.replace(current.sources, queue_file=new.sources.queue_file,
-                                    queue_poll_interval_s=new.sources.queue_poll_interval_s),
-        downloads=dataclasses.replace(current.downloads, workers=new.downloads.workers),
-        pbx=dataclasses.replace(current.pbx, requests_per_second=new.pbx.requests_per_second),
-    )
+        current = with_keys(current, new, live)
 
 
 async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> FatalAuthError | None:

@@ -39,10 +39,6 @@ class SdNotify:
         for_us = not pid or (pid.isdigit() and int(pid) == os.getpid())
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and for_us else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def send(self, *fields: str) -> None:
         """Send ``READY=1``, ``STATUS=...`` etc.; a failure is logged, never raised."""
         if not self.address:

@@ -14,7 +14,7 @@ import structlog
 import yaml
 
 from daemon.clock import SystemClock
-from daemon.config import changed_keys, load_config, parse_config
+from daemon.config import changed_keys, load_config, parse_config, with_keys
 from daemon.ledger import LedgerDb
 from daemon.runner import run_pipeline
 from daemon.service import Health
@@ -29,6 +29,8 @@ def test_changed_keys_lists_dotted_paths() -> None:
     old, new = parse_config(base, base_dir=Path("/")), parse_config(other, base_dir=Path("/"))
     assert changed_keys(old, new) == ["archive.layout", "downloads.workers"]
     assert changed_keys(old, old) == []
+    applied = with_keys(old, new, ["downloads.workers"])   # what a reload applies live; the rest stays
+    assert changed_keys(applied, new) == ["archive.layout"]
 
 
 def _rewrite(path: Path, **sections: dict[str, object]) -> None:

@@ -218,6 +218,6 @@ def test_health_command_exit_codes(tmp_path: Path) -> None:
 def test_notify_socket_addresses() -> None:
     assert SdNotify({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
     assert SdNotify({"NOTIFY_SOCKET": "/run/x"}).address == "/run/x"
-    assert SdNotify({}).enabled is False
+    assert SdNotify({}).address == ""
     assert SdNotify({"WATCHDOG_USEC": "4000000"}).watchdog_s == 4.0
     assert SdNotify({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_s is None
