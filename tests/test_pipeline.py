@@ -323,3 +323,43 @@ def test_demo_runs_the_whole_tour(tmp_path: Path) -> None:
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     refused = run_cli("demo", "--dir", str(tmp_path / "mine"))
     assert refused.returncode == 2 and (tmp_path / "mine" / "precious.txt").exists()
+
+
+async def test_a_lost_sidecar_is_rewritten_at_start(start_sim: SimFactory, tmp_path: Path) -> None:
+    sim = await start_sim(count=2)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)}})
+    await _once(cfg)
+    sidecar = next((tmp_path / "archive").rglob("*.wav.json"))
+    before = sidecar.read_text()
+    sidecar.unlink()
+    result = await _once(cfg)
+    assert result.reconcile.sidecars_written == 1
+    assert sidecar.read_text() == before
+
+
+async def test_the_free_space_floor_pauses_instead_of_filling_the_disk(start_sim: SimFactory,
+                                                                       tmp_path: Path) -> None:
+    sim = await start_sim(count=2)
+    cfg = write_config(tmp_path, sim.base_url, extra={
+        "sources": {"ids": _ids(sim)}, "archive": {"min_free_bytes": 2**62},
+        "downloads": {"once_give_up_s": 0.5, "pause_max_s": 0.2}})
+    with structlog.testing.capture_logs() as logs:
+        result = await _once(cfg)
+    assert result.gave_up and result.counts["pending"] == 2 and result.counts["failed"] == 0
+    assert any(e["event"] == "pipeline.paused" and e["reason"] == "StorageError" for e in logs)
+    assert sum(sim.counters.transfers_completed.values()) == 0
+
+
+async def test_a_second_runner_on_the_same_ledger_is_refused(start_sim: SimFactory, tmp_path: Path) -> None:
+    from daemon.errors import StorageError
+    from daemon.ledger import RunLock
+    sim = await start_sim(count=1)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)}})
+    lock = RunLock(load_config(cfg).state.path)
+    lock.acquire()
+    try:
+        with pytest.raises(StorageError, match="already using the ledger"):
+            await _once(cfg)
+    finally:
+        lock.release()
+    assert (await _once(cfg)).counts["done"] == 1
