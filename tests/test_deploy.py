@@ -53,8 +53,10 @@ def test_units_keep_the_service_contract(source: str) -> None:
     settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["Restart"] == "on-failure"
-    assert settings["RestartPreventExitStatus"].split() == ["2", "3"]
-    assert int(settings["TimeoutStopSec"]) > ServiceConfig().shutdown_grace_s
+    assert settings["RestartPreventExitStatus"].split() == ["2", "3", "6"]
+    from daemon.runner import STOP_TAIL_S
+    assert int(settings["TimeoutStopSec"]) > ServiceConfig().shutdown_grace_s + STOP_TAIL_S
+    assert settings["RequiresMountsFor"].startswith("/srv/recordings")
     assert int(settings["WatchdogSec"]) > 60   # above the default read timeout of one stalled transfer
     assert settings["LoadCredential"].startswith("client_secret:")
     assert "ReadWritePaths" in settings and "ConfigurationDirectory" in settings
