@@ -70,6 +70,7 @@ def main() -> int:
     secret.write_text(opts.client_secret + "\n")
     secret.chmod(0o600)
     (work / "queue.txt").write_text("".join(f"{r.id}\n" for r in make_recordings(opts)))
+    (work / "archive").mkdir()   # run never creates archive.dir
     cfg = work / "config.yaml"
     cfg.write_text(f"pbx:\n  base_url: {base_url}\n  client_id: archiver\n  client_secret_file: secret\n"
                    "  requests_per_second: 500\nsources:\n  queue_file: queue.txt\n  queue_poll_interval_s: 0.2\n"

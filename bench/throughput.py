@@ -58,6 +58,7 @@ def write_config(work: Path, base_url: str, ids: list[int] | None, *, queue: boo
     (work / "secret").chmod(0o600)
     if ids is not None:
         (work / "queue.txt").write_text("".join(f"{i}\n" for i in ids))
+    (work / "archive").mkdir(exist_ok=True)   # once never creates archive.dir
     cfg = work / "config.yaml"
     cfg.write_text(
         f"pbx:\n  base_url: {base_url}\n  client_id: {SimOptions.client_id}\n  client_secret_file: secret\n"

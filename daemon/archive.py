@@ -13,13 +13,15 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon.errors import StorageError
+from daemon.errors import StorageError, WrongArchiveError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+@-]+$")
 AUDIO_EXTS = (".wav", ".mp3")
@@ -30,6 +32,10 @@ _DATE_PREFIX = re.compile(r"^(\d{4})(\d{2})(\d{2})\d{6}-")
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 FILE_MODE = 0o640
 DIR_MODE = 0o750
+STATE_DIR_MODE = 0o700
+MARKER_DIR = ".yeastar-archiver"
+MARKER_FILE = "archive-id"
+MAX_COMPONENT = 255
 
 
 def is_safe_name(name: str) -> bool:
@@ -116,9 +122,18 @@ def sidecar_data(*, rec_id: int | None, file: str | None, size: int, sha256: str
     return {k: v for k, v in known.items() if v is not None}
 
 
-def part_name(final_name: str) -> str:
-    """The hidden temp file beside a final file."""
-    return f".{final_name}.part"
+def part_name(final_name: str, tag: str | None = None) -> str:
+    """A hidden temp file beside a final file, unique to one attempt (``tag``: random by default).
+
+    Two attempts never share a temp file, so one can never unlink, extend or link the other's bytes."""
+    tag = tag or secrets.token_hex(6)
+    stem = final_name[: MAX_COMPONENT - len(tag) - 8]
+    return f".{stem}.{tag}.part"
+
+
+def is_part_name(name: str) -> bool:
+    """True for the name of a temp file (a recording's or a sidecar's)."""
+    return name.startswith(".") and name.endswith(".part")
 
 
 def alternate_name(final_name: str, tag: str) -> str:
@@ -134,6 +149,10 @@ def storage_error(exc: OSError, what: str) -> StorageError | None:
     return None
 
 
+def _same_file(a: os.stat_result | None, b: os.stat_result) -> bool:
+    return a is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class ArchiveDir:
     """The archive root, and the symlink-safe operations the downloader needs below it (blocking I/O:
     call from a worker thread)."""
@@ -141,11 +160,58 @@ class ArchiveDir:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def ensure_root(self) -> None:
-        """Create the root if missing; refuse a root that is not a directory."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    def check_root(self) -> None:
+        """Refuse a root that is missing or not a directory. Never creates it: an unmounted disk must
+        not quietly become a fresh archive on the root filesystem."""
         if not self.root.is_dir():
-            raise StorageError(f"archive.dir {str(self.root)!r} is not a directory")
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise WrongArchiveError(
+                f"archive.dir {str(self.root)!r} {what}: create it (or mount the archive disk) first; "
+                "run and once never create it")
+
+    def read_marker(self) -> str | None:
+        """The archive's identity (``.yeastar-archiver/archive-id``), or None when it has none."""
+        try:
+            fd = self.open_dir(PurePosixPath(MARKER_DIR), create=False)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                mfd = os.open(MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            try:
+                text = os.read(mfd, 4096).decode("utf-8", "replace").strip()
+            finally:
+                os.close(mfd)
+        finally:
+            os.close(fd)
+        return text or None
+
+    def write_marker(self) -> str:
+        """Give the archive a new identity and return it (fsynced: the ledger will record it)."""
+        ident = str(uuid.uuid4())
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.root / MARKER_DIR, STATE_DIR_MODE)
+        fd = self.open_dir(PurePosixPath(MARKER_DIR), create=False)
+        try:
+            tmp = f".{MARKER_FILE}.{secrets.token_hex(6)}.part"
+            mfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                          dir_fd=fd)
+            try:
+                os.write(mfd, f"{ident}\n".encode())
+                os.fsync(mfd)
+            finally:
+                os.close(mfd)
+            # link, never rename: a marker another process wrote first is never replaced.
+            try:
+                os.link(tmp, MARKER_FILE, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.unlink(tmp, dir_fd=fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return ident
 
     def open_dir(self, rel_dir: PurePosixPath, *, create: bool) -> int:
         """A descriptor of ``rel_dir`` below the root, opened without following any symlink."""
@@ -179,7 +245,8 @@ class ArchiveDir:
     def open_part(dir_fd: int, name: str, *, keep: int) -> int:
         """Open the temp file for writing: keep its first ``keep`` bytes (resume) or create it afresh.
 
-        Created with O_EXCL and never through a symlink."""
+        Created with O_EXCL and never through a symlink; an existing file is never unlinked (the name
+        is unique to one attempt, so an existing one belongs to somebody else)."""
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         if keep > 0:
             fd = os.open(name, flags, dir_fd=dir_fd)
@@ -189,19 +256,25 @@ class ArchiveDir:
             os.ftruncate(fd, keep)
             os.lseek(fd, keep, os.SEEK_SET)
             return fd
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
         return os.open(name, flags | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
 
     @staticmethod
-    def commit(dir_fd: int, part: str, final: str) -> bool:
+    def commit(dir_fd: int, part: str, final: str, written: os.stat_result | None = None) -> bool:
         """Link the fsynced temp file to its final name without clobbering, then drop the temp name.
 
+        ``written`` is the fstat of the descriptor the bytes went through: the name is linked only
+        while it still is that very file, and the final name is checked to be it afterwards.
         Returns False when the final name already exists (the temp file is left for the caller)."""
+        if written is not None and not _same_file(ArchiveDir.lstat(dir_fd, part), written):
+            raise OSError(errno.ESTALE, f"the temp file {part!r} is no longer the file that was written")
         try:
             os.link(part, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             return False
+        if written is not None and not _same_file(ArchiveDir.lstat(dir_fd, final), written):
+            # Swapped between the check and the link: take back the name we just made.
+            os.unlink(final, dir_fd=dir_fd)
+            raise OSError(errno.ESTALE, f"the temp file {part!r} was replaced while it was linked")
         os.unlink(part, dir_fd=dir_fd)
         os.fsync(dir_fd)
         return True
@@ -232,10 +305,8 @@ class ArchiveDir:
         Not fsynced: the ledger is the durable record, and start-up reconciliation rewrites a sidecar
         that a crash lost. Two fsyncs per recording saved."""
         name = f"{final}.json"
-        tmp = f".{name}.part"
+        tmp = part_name(name)
         body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE,
                      dir_fd=dir_fd)
         try:
@@ -251,12 +322,30 @@ class ArchiveDir:
             raise OSError(errno.ELOOP, f"refusing to replace non-regular {name!r}")
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
-    def walk(self) -> Iterator[tuple[PurePosixPath, list[str]]]:
-        """(relative folder, file names) for every real folder below the root; symlinks are skipped."""
-        for folder, dirs, files in os.walk(self.root, followlinks=False):
+    def walk(self, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[PurePosixPath, list[str]]]:
+        """(relative folder, file names) for every real folder below the root; symlinks are skipped.
+        A folder that cannot be listed goes to ``onerror``."""
+        for folder, dirs, files in os.walk(self.root, followlinks=False, onerror=onerror):
             rel = PurePosixPath(Path(folder).relative_to(self.root).as_posix())
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
             yield rel, [f for f in files if not os.path.islink(os.path.join(folder, f))]
+
+    def exists(self, rel: PurePosixPath) -> bool | None:
+        """Is ``rel`` a regular file below the root? Looked up without following any symlink; None when
+        a symlink or non-directory stands in the way (the answer would come from outside the archive)."""
+        try:
+            fd = self.open_dir(rel.parent, create=False)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return None
+            raise
+        try:
+            st = self.lstat(fd, rel.name)
+        finally:
+            os.close(fd)
+        return st is not None and stat.S_ISREG(st.st_mode)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)

@@ -26,12 +26,16 @@ from daemon.errors import (
     EXIT_AUTH,
     EXIT_CONFIG,
     EXIT_FAILED_ITEMS,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     ArchiverError,
     ConfigError,
     FatalAuthError,
+    PbxConfigError,
     StorageError,
+    TlsError,
+    WrongArchiveError,
 )
 from daemon.ledger import STATES, LedgerDb, Ref
 from daemon.logs import configure_logging, redact_text
@@ -102,6 +106,8 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-s", type=float, default=d.stall_s, help="how long a stall lasts, s")
     p.add_argument("--bytes-per-second", type=int, default=0, help="pace each transfer (0: unpaced) [0]")
     p.add_argument("--new-every", type=float, default=0.0, help="a new recording every S seconds (0: never) [0]")
+    p.add_argument("--fail-ids", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(),
+                   metavar="ID,ID", help="recordings whose recording/download always answers HTTP 500")
 
 
 def simulator_options(args: argparse.Namespace) -> SimOptions:
@@ -113,7 +119,7 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
         http500_rate=args.http500_rate, errcode_rate=args.errcode_rate, busy_rate=args.busy_rate,
         cut_rate=args.cut_rate, stall_rate=args.stall_rate, json_body_rate=args.json_body_rate,
         url_expired_rate=args.url_expired_rate, bytes_per_second=args.bytes_per_second,
-        new_every_s=args.new_every,
+        new_every_s=args.new_every, fail_ids=args.fail_ids,
         stall_s=args.stall_s,
     )
 
@@ -127,24 +133,33 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]],
+def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, int]],
                       reload: Callable[[], asyncio.Event] | None = None) -> int:
-    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``: the only place signals are handled.
+    """Run ``main(stop, hurry)`` with SIGTERM and SIGINT setting ``stop``: the only place signals are
+    handled. A second SIGTERM/SIGINT sets ``hurry``: the grace wait for in-flight downloads ends at once
+    (an operator pressing Ctrl-C twice).
 
     With ``reload`` (a factory, so that the event is made inside the running loop), SIGHUP sets it."""
     async def runner() -> int:
         stop = asyncio.Event()
+        hurry = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_stop_signal() -> None:
+            if stop.is_set():
+                hurry.set()
+                log.warning("shutdown.hurry", action="abandoning in-flight downloads now")
+            stop.set()
         # SIGTERM: systemd / container stop. SIGINT: Ctrl-C. Both ask for the same graceful stop.
         handled = [signal.SIGTERM, signal.SIGINT]
         for sig in handled:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop_signal)
         if reload is not None:
             # SIGHUP: `systemctl reload` — re-read the config, keep running.
             loop.add_signal_handler(signal.SIGHUP, reload().set)
             handled.append(signal.SIGHUP)
         try:
-            return await main(stop)
+            return await main(stop, hurry)
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
@@ -166,9 +181,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = asyncio.run(check_pbx(cfg))
     except ConfigError as exc:
         return _config_failed(exc)
+    except PbxConfigError as exc:
+        print(f"check: the PBX says the configuration is wrong: {exc}", file=sys.stderr)
+        return exc.exit_code
     except FatalAuthError as exc:
         print(f"check: PBX refused us: {exc}", file=sys.stderr)
         return EXIT_AUTH
+    except TlsError as exc:
+        print(f"check: the PBX's certificate is not trusted: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except ArchiverError as exc:
         print(f"check: PBX not usable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -214,7 +235,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     opts = simulator_options(args)
     configure_logging("auto", "info")
 
-    async def main(stop: asyncio.Event) -> int:
+    async def main(stop: asyncio.Event, _hurry: asyncio.Event) -> int:
         sim = Simulator(opts)
         await sim.start(args.host, args.port)
         try:
@@ -239,9 +260,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         events.append(asyncio.Event())
         return events[0]
 
-    async def main(stop: asyncio.Event) -> int:
+    async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
         # run ends only on SIGTERM/SIGINT: a PBX outage or a refused login leaves it up, not ready.
-        await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None)
+        await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None, hurry=hurry)
         return EXIT_OK
     return _guard_pipeline(lambda: _run_until_signal(main, reload=reload_event))
 
@@ -249,28 +270,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args)
 
-    async def main(stop: asyncio.Event) -> int:
-        result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr))
+    async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
+        result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry)
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
 
 
 def once_exit_code(result: RunResult) -> int:
-    """3 when the PBX refused us, 1 when any recording ended failed or work was left (gave up), else 0."""
+    """3 the PBX refused us, 4 its certificate is not trusted, 1 any recording ended failed, 5 stopped with
+    work left (a signal, or ``downloads.once_give_up_s`` paused), else 0. Says why on stderr."""
     if result.fatal is not None:
         print(f"once: PBX refused us: {result.fatal}", file=sys.stderr)
-        return EXIT_AUTH
-    if result.gave_up:
-        left = result.counts.get("pending", 0) + result.counts.get("in_progress", 0)
-        print(f"once: gave up after downloads.once_give_up_s paused; {left} recording(s) left pending",
-              file=sys.stderr)
+        return result.fatal.exit_code
+    if result.untrusted is not None:
+        print(f"once: the PBX's certificate is not trusted: {result.untrusted}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if result.counts.get("failed", 0):
+        if result.left:
+            print(f"once: {result.left} recording(s) left pending; run once again to continue", file=sys.stderr)
         return EXIT_FAILED_ITEMS
-    return EXIT_FAILED_ITEMS if result.counts.get("failed", 0) else EXIT_OK
+    if result.left and (result.interrupted or result.gave_up):
+        why = "stopped by a signal" if result.interrupted else "gave up after downloads.once_give_up_s paused"
+        print(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def _guard_pipeline(body: Callable[[], int]) -> int:
     try:
         return body()
+    except WrongArchiveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED_ITEMS
@@ -418,6 +450,7 @@ def write_demo_config(directory: Path, base_url: str, opts: SimOptions, *, ids: 
     """A config for the demo simulator, as an operator would write one: the secret in a 0600 file,
     the ids in a queue file."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "archive").mkdir(exist_ok=True)   # run and once never create archive.dir; the demo does
     secret = directory / "client_secret"
     secret.write_text(opts.client_secret + "\n", encoding="utf-8")
     secret.chmod(0o600)
@@ -469,7 +502,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DEMO_OPTIONS
     prepare_demo_dir(directory)
 
-    async def main(stop: asyncio.Event) -> int:
+    async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
         async with Simulator(opts) as sim:
             cfg_path = write_demo_config(directory, sim.base_url, opts, ids=[r.id for r in sim.recordings])
             print(f"demo: simulator (a fake Yeastar P-Series PBX) on {sim.base_url}: {opts.count} recordings, "
@@ -478,7 +511,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"demo: config {cfg_path}")
             cfg = load_config(cfg_path)
             configure_logging(cfg.logging.format, cfg.logging.level)
-            result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr))
+            result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry)
             counters = sim.snapshot()
         s = result.stats
         print(f"demo: archived {s.archived} recordings ({s.bytes / 1e6:.0f} MB) in {result.elapsed_s:.1f} s; "

@@ -15,7 +15,7 @@ import math
 import os
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from daemon.errors import (
     FatalAuthError,
     PauseError,
     PbxBusyError,
+    PbxConfigError,
     PbxUnavailableError,
     RecordingMissingError,
     RequestRejectedError,
@@ -48,6 +49,10 @@ log = structlog.get_logger("daemon.client")
 RETRY_AFTER_CAP_S = 3600.0
 ENVELOPE_PEEK_BYTES = 64 * 1024
 MAX_ERROR_TEXT = 300
+MAX_API_BODY = 8 * 1024 * 1024   # a recording page of 1000 items is ~0.5 MB; anything near this is not an answer
+API_READ_BYTES = 256 * 1024
+POOL_SPARE = 8                   # connections beyond one per worker: API calls, discovery, the probe
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 _FATAL_ERRCODES = {
     10001: "the PBX does not know this API endpoint: check pbx.base_url and pbx.api_path, or the firmware is too old",
@@ -132,6 +137,40 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
     if first.isdigit() and last.isdigit():
         return int(first), int(last), total
     return None, None, total
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, never its path or query (which may carry a token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "") if parts.scheme else "?"
+
+
+def redirect_refused(what: str, status: int, location: str | None, pbx: str) -> str:
+    """The message for a redirect that is never followed. Pure."""
+    target = origin_of(location) if location and "//" in location else "a path on the same host"
+    return (f"{what}: the PBX at {origin_of(pbx)} answered HTTP {status}, a redirect to {target}; "
+            "redirects are never followed (they would carry the client secret or the token): "
+            "set pbx.base_url to the address the PBX really serves")
+
+
+class _RedirectGuard:
+    """A session-wide trace hook: if any request (the WebSocket upgrade included, which cannot be told
+    not to follow) is about to follow a redirect, stop it before a byte goes to the new address."""
+
+    def __init__(self, pbx: str) -> None:
+        self.pbx = pbx
+
+    def config(self) -> aiohttp.TraceConfig:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_redirect.append(self._refuse)
+        return trace
+
+    async def _refuse(self, _session: aiohttp.ClientSession, _ctx: Any,
+                      params: aiohttp.TraceRequestRedirectParams) -> None:
+        resp = params.response
+        raise PbxConfigError(redirect_refused(str(params.url.path).rsplit("/", 1)[-1] or "request", resp.status,
+                                              resp.headers.get("Location"), self.pbx))
 
 
 def _short(text: str) -> str:
@@ -233,7 +272,7 @@ class FileStream:
     """An open file transfer. ``start`` is the byte offset its body begins at; ``total`` the file size if known."""
 
     def __init__(self, response: aiohttp.ClientResponse, *, start: int, total: int | None, first: bytes,
-                 recording: str | None) -> None:
+                 recording: str | None, meter: Callable[[int], None]) -> None:
         self.status = response.status
         self.start = start
         self.total = total
@@ -241,9 +280,11 @@ class FileStream:
         self._response = response
         self._first = first
         self._recording = recording
+        self._meter = meter
 
     async def chunks(self, size: int = 256 * 1024) -> AsyncIterator[bytes]:
-        """The body, in chunks of up to ``size`` bytes. Raises ``TransferError`` if it breaks or stalls."""
+        """The body, in chunks of up to ``size`` bytes. Raises ``TransferError`` if it breaks, stalls
+        or falls below the caller's throughput floor (``meter``)."""
         if self._first:
             yield self._first
         while True:
@@ -251,6 +292,7 @@ class FileStream:
                 chunk = await self._response.content.read(size)
             if not chunk:
                 return
+            self._meter(len(chunk))
             yield chunk
 
 
@@ -441,8 +483,11 @@ class PbxClient:
     """An async context manager around one ClientSession; ``close`` revokes the token."""
 
     def __init__(self, cfg: PbxConfig, *, clock: Clock | None = None, read_timeout_s: float = 60.0,
-                 url_lifetime_s: float = 1800.0, token_store: Path | None = None) -> None:
+                 url_lifetime_s: float = 1800.0, token_store: Path | None = None, workers: int = 4) -> None:
         self.cfg = cfg
+        # Every worker may hold a file transfer; pool waits would count against the connect timeout.
+        self._pool_size = workers + POOL_SPARE
+        self.close_timeout_s = cfg.timeout_s
         self.clock = clock or SystemClock()
         self.tokens = TokenManager(self, cfg, self.clock, token_store)
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
@@ -462,9 +507,10 @@ class PbxClient:
 
     async def __aenter__(self) -> PbxClient:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+            connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=self._pool_size),
             headers={"User-Agent": self.cfg.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[_RedirectGuard(self.cfg.base_url).config()],
         )
         self.tokens.restore()
         return self
@@ -473,11 +519,17 @@ class PbxClient:
         await self.close()
 
     async def close(self) -> None:
-        """Revoke the token, then close the session."""
+        """Revoke the token (within ``close_timeout_s``: a stop must not wait on a PBX that is gone),
+        then close the session."""
         if self._session is None:
             return
         try:
-            await self.tokens.revoke()
+            try:
+                async with asyncio.timeout(max(0.1, self.close_timeout_s)):
+                    await self.tokens.revoke()
+            except TimeoutError:
+                log.warning("token.revoke_timed_out", timeout_s=self.close_timeout_s,
+                            action="the token stays stored for the next start")
         finally:
             await self._session.close()
             self._session = None
@@ -496,11 +548,11 @@ class PbxClient:
         url = f"{self.cfg.api_base}/{endpoint}"
         try:
             with translate_errors(endpoint, recording=recording):
-                async with self.session.request(method, url, params=params, json=body,
+                async with self.session.request(method, url, params=params, json=body, allow_redirects=False,
                                                 timeout=self._api_timeout) as resp:
                     self._raise_for_http(resp, endpoint, recording)
-                    raw = await resp.read()
-        except (PauseError, PbxBusyError) as exc:
+                    raw = await _read_capped(resp, endpoint, recording)
+        except (PauseError, PbxBusyError, PbxConfigError) as exc:
             self._unhealthy(exc)
             raise
         self.health.ok_at = self.clock.monotonic()
@@ -529,6 +581,8 @@ class PbxClient:
         if resp.status == 200:
             return
         retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock.wall())
+        if resp.status in REDIRECTS:
+            raise PbxConfigError(redirect_refused(what, resp.status, resp.headers.get("Location"), self.cfg.base_url))
         if resp.status == 404:
             raise FatalAuthError(f"{what}: HTTP 404 from the PBX: check pbx.base_url and pbx.api_path")
         if resp.status in (429, 503) or resp.status >= 500:
@@ -581,8 +635,10 @@ class PbxClient:
 
     # ---------------------------------------------------------------- file transfer
     @contextlib.asynccontextmanager
-    async def open_file(self, url: str, *, offset: int = 0, recording: str | None = None) -> AsyncIterator[FileStream]:
-        """Open a download URL, asking for bytes from ``offset`` on when it is > 0.
+    async def open_file(self, url: str, *, offset: int = 0, recording: str | None = None,
+                        meter: Callable[[int], None] | None = None) -> AsyncIterator[FileStream]:
+        """Open a download URL, asking for bytes from ``offset`` on when it is > 0. ``meter`` is told
+        the size of every read of the body (the envelope peek included), and may raise to abort it.
 
         The stream's ``start`` tells where its body really begins: ``offset`` only when the server
         answered 206 with a matching Content-Range, else 0. A 416 yields a stream with no body and
@@ -591,12 +647,13 @@ class PbxClient:
         """
         token_retried = False
         use_range = offset > 0
+        count = meter or _ignore
         while True:
             token = await self.tokens.token()
             headers = {"Range": f"bytes={offset}-"} if use_range else {}
             with translate_errors("file download", recording=recording):
                 resp = await self.session.get(url, params={"access_token": token}, headers=headers,
-                                              timeout=self._file_timeout)
+                                              allow_redirects=False, timeout=self._file_timeout)
             async with resp:
                 retry = await self._check_file_response(resp, recording)
                 if retry == "token" and not token_retried:
@@ -608,7 +665,7 @@ class PbxClient:
                 start, total = 0, resp.content_length
                 if resp.status == 416:
                     _, _, total = parse_content_range(resp.headers.get("Content-Range"))
-                    yield FileStream(resp, start=offset, total=total, first=b"", recording=recording)
+                    yield FileStream(resp, start=offset, total=total, first=b"", recording=recording, meter=count)
                     return
                 if resp.status == 206:
                     first_byte, _, total = parse_content_range(resp.headers.get("Content-Range"))
@@ -619,7 +676,7 @@ class PbxClient:
                         continue
                     start = offset
                 # A 206 body starts mid-recording, where any byte may stand: never read it as an envelope.
-                first = await self._peek_envelope(resp, recording) if resp.status == 200 else b""
+                first = await self._peek_envelope(resp, recording, count) if resp.status == 200 else b""
                 if first is None:
                     if not token_retried:
                         token_retried = True
@@ -627,7 +684,7 @@ class PbxClient:
                         continue
                     raise TokenExpiredError("the file URL refused a fresh token", errcode=10004, recording=recording)
                 self.health.ok_at = self.clock.monotonic()
-                yield FileStream(resp, start=start, total=total, first=first, recording=recording)
+                yield FileStream(resp, start=start, total=total, first=first, recording=recording, meter=count)
                 return
 
     async def _check_file_response(self, resp: aiohttp.ClientResponse, recording: str | None) -> str | None:
@@ -636,6 +693,10 @@ class PbxClient:
             return None
         if resp.status == 401:
             return "token"
+        if resp.status in REDIRECTS:
+            # Another host's bytes would be archived as the recording (and the token sent there).
+            raise TransferError(redirect_refused("file download", resp.status, resp.headers.get("Location"),
+                                                 self.cfg.base_url), recording=recording)
         if resp.status in (403, 404, 410):
             raise UrlExpiredError(f"the download URL answered HTTP {resp.status}", recording=recording)
         retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock.wall())
@@ -643,11 +704,14 @@ class PbxClient:
             raise PbxBusyError(f"file download: HTTP {resp.status}", retry_after_s=retry_after, recording=recording)
         raise TransferError(f"file download: unexpected HTTP {resp.status}", recording=recording)
 
-    async def _peek_envelope(self, resp: aiohttp.ClientResponse, recording: str | None) -> bytes | None:
+    async def _peek_envelope(self, resp: aiohttp.ClientResponse, recording: str | None,
+                             meter: Callable[[int], None]) -> bytes | None:
         """The first bytes of the body. A JSON errcode envelope in place of audio is raised as its error
-        (None for 10004: renew the token); an HTML page is a TransferError."""
+        (None for 10004: renew the token); an HTML page is a TransferError. Every read is metered: a
+        body that starts with ``{`` and trickles is cut by the same floor as any transfer."""
         with translate_errors("file transfer", in_body=True, recording=recording):
             first = await resp.content.read(ENVELOPE_PEEK_BYTES)
+        meter(len(first))
         head = first.lstrip()[:1]
         if head == b"{":
             with translate_errors("file transfer", in_body=True, recording=recording):
@@ -655,6 +719,7 @@ class PbxClient:
                     more = await resp.content.read(ENVELOPE_PEEK_BYTES - len(first))
                     if not more:
                         break
+                    meter(len(more))
                     first += more
             try:
                 data = json.loads(first)
@@ -672,8 +737,8 @@ class PbxClient:
         return first
 
     # ---------------------------------------------------------------- events
-    async def events(self, topics: list[int], *, heartbeat_s: float = 30.0,
-                     session_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, topics: list[int], *, heartbeat_s: float = 30.0, session_s: float | None = None,
+                     on_subscribed: Callable[[], None] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events from the PBX WebSocket (``{api}/subscribe``), heartbeat included.
 
         Ends after ``session_s`` (default: until the token is due for renewal) so that the caller
@@ -698,6 +763,8 @@ class PbxClient:
         async with ws:
             await ws.send_str(json.dumps({"topic_list": topics}))
             log.info("events.subscribed", topics=topics)
+            if on_subscribed is not None:
+                on_subscribed()
             while self.clock.monotonic() < deadline:
                 with translate_errors("event subscription"):
                     try:
@@ -730,6 +797,12 @@ class Webhook:
 
     def __init__(self, url: str, timeout_s: float, user_agent: str) -> None:
         self.url = url
+        # Chat webhooks carry their credential in the path: it is redacted wherever it shows up.
+        remember_secret(url)
+        parts = urlsplit(url)
+        tail = parts.path + (f"?{parts.query}" if parts.query else "")
+        if len(tail) >= 16:
+            remember_secret(tail)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
@@ -749,11 +822,32 @@ class Webhook:
         assert self._session is not None
         try:
             with translate_errors("webhook"):
-                async with self._session.post(self.url, json=body, timeout=self._timeout) as resp:
+                async with self._session.post(self.url, json=body, timeout=self._timeout,
+                                              allow_redirects=False) as resp:
+                    if resp.status in REDIRECTS:
+                        raise RetryableError(f"webhook answered HTTP {resp.status}, a redirect (never followed)")
                     if not 200 <= resp.status < 300:
                         raise RetryableError(f"webhook answered HTTP {resp.status}")
         except PauseError as exc:  # translate_errors speaks of the PBX; this is the webhook receiver
             raise RetryableError(f"webhook unreachable: {exc.message}") from exc
+
+
+def _ignore(_n: int) -> None:
+    return None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, what: str, recording: str | None) -> bytes:
+    """An API answer, read up to ``MAX_API_BODY``: an endless or huge body fails cleanly, in bounded memory."""
+    too_big = PbxBusyError(f"{what}: the PBX's answer is larger than {MAX_API_BODY // (1024 * 1024)} MiB; "
+                           "not reading it", recording=recording)
+    if resp.content_length is not None and resp.content_length > MAX_API_BODY:
+        raise too_big
+    body = bytearray()
+    while chunk := await resp.content.read(API_READ_BYTES):
+        body += chunk
+        if len(body) > MAX_API_BODY:
+            raise too_big
+    return bytes(body)
 
 
 def _int_or(value: Any, default: int) -> int:

@@ -22,6 +22,11 @@ DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
 CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{file}"
 LAYOUT_FIELDS = frozenset({"file", "stem", "ext", "id", "year", "month", "day", "call_type"})
+MAX_WORKERS = 64
+# Keys whose values are never echoed in a problem: they are credentials. URLs are echoed only when
+# they carry no user:password@ and no query (webhook URLs of chat services are credentials too).
+SECRET_KEYS = frozenset({"client_secret", "secret_access_key", "access_key_id", "password", "token", "url"})
+URL_KEYS = frozenset({"base_url", "endpoint_url"})
 
 RecordingFormat = Literal["auto", "wav", "mp3"]
 LogFormat = Literal["auto", "json", "console"]
@@ -191,7 +196,10 @@ class _Reader:
         return f"{self.path}.{name}" if self.path else name
 
     def problem(self, key: str, value: Any, why: str) -> None:
-        shown = "" if value is _MISSING else f" (got {value!r})"
+        name = key.rsplit(".", 1)[-1]
+        secret = name in SECRET_KEYS or (name in URL_KEYS and any(c in str(value) for c in "@?"))
+        shown = "" if value is _MISSING else " (value not shown: it may be a credential)" if secret \
+            else f" (got {value!r})"
         self.problems.append(f"{key or '<top level>'}: {why}{shown}")
 
     def raw(self, name: str) -> Any:
@@ -311,7 +319,9 @@ def _ids(value: Any) -> tuple[int, ...]:
 def _base_url(value: Any) -> str:
     url = _text(value).strip().rstrip("/")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    # user:pass@ would be sent to the PBX on every request and shown wherever the URL is.
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.username is not None or parts.password is not None:
         raise ValueError
     return url
 
@@ -398,10 +408,13 @@ def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[s
     except OSError as exc:
         problems.append(f"{key}: cannot read the secret file {str(path)!r}: {exc.strerror or exc}")
         return ""
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if st.st_mode & stat.S_IRWXO:
+        problems.append(f"{key}: {str(path)!r} is readable by any user (mode {stat.S_IMODE(st.st_mode):04o}); "
+                        "run: chmod 600 on it (or 640, owned by the service's group)")
+    elif st.st_mode & stat.S_IRWXG:
         warnings.append(
-            f"{key}: {str(path)!r} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "run: chmod 600 on it"
+            f"{key}: {str(path)!r} is readable by its group (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "prefer chmod 600 on it"
         )
     if not text:
         problems.append(f"{key}: the secret file {str(path)!r} is empty")
@@ -415,7 +428,9 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     top = _Reader(data, "", problems, base_dir)
 
     pbx = top.section("pbx")
-    base_url = pbx.get("base_url", _base_url, _MISSING, "an http:// or https:// URL such as https://192.168.5.150:8088")
+    base_url = pbx.get("base_url", _base_url, _MISSING,
+                       "an http:// or https:// URL such as https://192.168.5.150:8088, "
+                       "without user:password@, a query or a fragment")
     api_path = pbx.get("api_path", _text, "openapi/v1.0", "a path such as openapi/v1.0").strip("/")
     client_id = pbx.get("client_id", _text, _MISSING, "the Client ID from the PBX portal (Integrations > API)",
                         check=lambda v: bool(v.strip()))
@@ -486,7 +501,8 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
 
     dl = top.section("downloads")
     downloads = DownloadsConfig(
-        workers=dl.get("workers", _int, 4, "an integer from 1 to 64", check=lambda v: 1 <= v <= 64),
+        workers=dl.get("workers", _int, 4, f"an integer from 1 to {MAX_WORKERS}",
+                       check=lambda v: 1 <= v <= MAX_WORKERS),
         max_attempts=dl.get("max_attempts", _int, 8, "an integer >= 1", check=positive),
         read_timeout_s=dl.get("read_timeout_s", _number, 60.0, "seconds > 0", check=positive),
         min_bytes_per_second=dl.get("min_bytes_per_second", _int, 1024, "bytes per second >= 0",

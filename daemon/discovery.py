@@ -24,6 +24,7 @@ from daemon.clock import Clock, sleep_or_stop
 from daemon.config import DiscoverConfig
 from daemon.errors import ArchiverError, FatalAuthError
 from daemon.ledger import META_FIELDS, Ledger, Ref
+from daemon.supervise import Loops
 
 log = structlog.get_logger("daemon.discovery")
 
@@ -117,12 +118,13 @@ class Discovery:
     """Polls, back-fills, sweeps and listens; every recording found goes into the ledger."""
 
     def __init__(self, cfg: DiscoverConfig, client: PbxClient, ledger: Ledger, clock: Clock,
-                 notify: Callable[[], None]) -> None:
+                 notify: Callable[[], None], loops: Loops | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.ledger = ledger
         self.clock = clock
         self.notify = notify
+        self.loops = loops or Loops(clock)
         self._poke = asyncio.Event()
         self.polls = 0
 
@@ -259,10 +261,19 @@ class Discovery:
         backoff = 1.0
         while not stop.is_set():
             try:
-                async for event in self.client.events([EVENT_NEW_CDR], heartbeat_s=self.cfg.heartbeat_s):
+                async for event in self.client.events([EVENT_NEW_CDR], heartbeat_s=self.cfg.heartbeat_s,
+                                                      on_subscribed=lambda: self.loops.ok("discover.events")):
                     backoff = 1.0
-                    await self.on_event(event)
+                    try:
+                        await self.on_event(event)
+                        self.loops.ok("discover.events")
+                    except ArchiverError as exc:
+                        # The ledger could not take it (a full disk, say): the poll finds it later.
+                        self.loops.failed("discover.events", exc)
+                        log.warning("discover.event_not_saved", error=str(exc), action="left to the poll")
+                        self._poke.set()
             except ArchiverError as exc:
+                self.loops.failed("discover.events", exc)
                 log.warning("discover.events_lost", error=str(exc), retry_in_s=round(backoff, 1))
                 if await sleep_or_stop(self.clock, backoff * (0.5 + random.random() / 2), stop):
                     return
@@ -284,10 +295,12 @@ class Discovery:
                 await self.start()
                 await self.resume_backfill()
                 break
-            except FatalAuthError:
+            except FatalAuthError as exc:
+                self.loops.failed("discover.poll", exc)
                 if await sleep_or_stop(self.clock, self.client.cfg.auth_retry_interval_s, stop):
                     return
             except ArchiverError as exc:
+                self.loops.failed("discover.poll", exc)
                 log.warning("discover.start_failed", error=str(exc))
                 if await sleep_or_stop(self.clock, min(self.cfg.interval_s, 30.0), stop):
                     return
@@ -306,35 +319,47 @@ class Discovery:
     async def _poll_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._poke.clear()
+            wait = self.cfg.interval_s
             try:
                 await self.poll_new()
+                self.loops.ok("discover.poll")
             except ArchiverError as exc:
-                log.warning("discover.poll_failed", error=str(exc))
-            await sleep_or_stop(self.clock, self.cfg.interval_s, stop, self._poke)
+                failures = self.loops.failed("discover.poll", exc)
+                # Sooner than the interval while it fails, so that a passing fault costs little.
+                wait = min(self.cfg.interval_s, 2.0 ** min(failures, 6))
+                log.warning("discover.poll_failed", error=str(exc), retry_in_s=wait)
+            await sleep_or_stop(self.clock, wait, stop, self._poke)
 
     async def _backfill_loop(self, stop: asyncio.Event) -> None:
         backoff = 1.0
         while not stop.is_set():
             try:
                 if await self.backfill_step():
+                    self.loops.ok("discover.backfill")
                     return
+                self.loops.ok("discover.backfill")
                 backoff = 1.0
             except ArchiverError as exc:
+                self.loops.failed("discover.backfill", exc)
                 log.warning("discover.backfill_failed", error=str(exc), retry_in_s=round(backoff, 1))
                 await sleep_or_stop(self.clock, backoff, stop)
                 backoff = min(backoff * 2, self.cfg.interval_s)
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            last = float(await self._kv(KV_LAST_SWEEP) or 0)
-            due_in = last + self.cfg.sweep_interval_s - self.clock.wall()
-            if due_in <= 0:
-                state = Backfill.load(await self._kv(KV_BACKFILL))
-                if state is None or state.done:  # the back-fill lists everything anyway
-                    try:
+            try:
+                last = float(await self._kv(KV_LAST_SWEEP) or 0)
+                due_in = last + self.cfg.sweep_interval_s - self.clock.wall()
+                if due_in <= 0:
+                    state = Backfill.load(await self._kv(KV_BACKFILL))
+                    if state is None or state.done:  # the back-fill lists everything anyway
                         await self.sweep()
+                        self.loops.ok("discover.sweep")
                         continue
-                    except ArchiverError as exc:
-                        log.warning("discover.sweep_failed", error=str(exc))
+                    due_in = min(self.cfg.interval_s, self.cfg.sweep_interval_s)
+                self.loops.ok("discover.sweep")
+            except ArchiverError as exc:
+                self.loops.failed("discover.sweep", exc)
+                log.warning("discover.sweep_failed", error=str(exc))
                 due_in = min(self.cfg.interval_s, self.cfg.sweep_interval_s)
             await sleep_or_stop(self.clock, min(due_in, 3600.0), stop)

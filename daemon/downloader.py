@@ -1,8 +1,12 @@
 """The downloader: one recording from URL to verified, committed file, by the restic-style protocol.
 
-stream into a hidden ``.part`` beside the target (O_EXCL, no symlink followed), hashing as it goes →
-verify length and that the body is audio → fsync(file) → link to the final name, never clobbering →
-fsync(dir) → ledger done → sidecar. A failed fsync is never retried: the temp file is discarded.
+stream into a hidden ``.part`` beside the target (O_EXCL, a name unique to this attempt, no symlink
+followed), hashing as it goes → verify length and that the body is audio → fsync(file) → link to the
+final name, never clobbering, and only while the temp name is still the file written → fsync(dir) →
+ledger done → sidecar. A failed fsync is never retried: the temp file is discarded.
+
+Before any of it, the name the PBX serves is bound in the ledger (``LedgerDb.bind_name``): a recording
+named twice (by id and by file name) has one transfer at a time and ends in one row.
 """
 
 from __future__ import annotations
@@ -36,8 +40,15 @@ from daemon.archive import (
 from daemon.client import DownloadUrl, PbxClient
 from daemon.clock import Clock
 from daemon.config import Config
-from daemon.errors import PermanentError, StorageError, TransferError, UrlExpiredError
-from daemon.ledger import Ledger, Row
+from daemon.errors import (
+    DeferredError,
+    LedgerError,
+    PermanentError,
+    StorageError,
+    TransferError,
+    UrlExpiredError,
+)
+from daemon.ledger import DEFER_S, Ledger, Row
 from daemon.resolver import RequestGate, Resolver
 
 log = structlog.get_logger("daemon.downloader")
@@ -55,6 +66,39 @@ class Archived:
     size: int
     sha256: str
     downloaded: bool
+    merged: bool = False   # archived under another ledger row for the same recording; this row is settled
+
+
+class CommitNotRecorded(LedgerError):
+    """The recording is committed on disk, but the ledger could not record it: ``completion`` is the
+    ledger update to apply once the ledger works again (so that the file is never downloaded twice)."""
+
+    def __init__(self, cause: LedgerError, completion: dict[str, Any]) -> None:
+        super().__init__(cause.message, recording=cause.recording)
+        self.completion = completion
+
+
+class ThroughputFloor:
+    """Fed the size of every read of a transfer, envelope peek included; raises ``TransferError`` when a
+    full window moved fewer bytes than ``min_bytes_per_second`` allows. A trickle cannot hold a slot
+    (or, for mp3, the PBX's one request) for longer than a window or two."""
+
+    def __init__(self, clock: Clock, min_bytes_per_second: int, window_s: float, recording: str) -> None:
+        self._clock = clock
+        self._min = min_bytes_per_second
+        self._window_s = window_s
+        self._recording = recording
+        self._start = clock.monotonic()
+        self._bytes = 0
+
+    def __call__(self, n: int) -> None:
+        now = self._clock.monotonic()
+        self._bytes += n
+        if too_slow(self._bytes, now - self._start, self._min, self._window_s):
+            raise TransferError(f"the transfer is slower than downloads.min_bytes_per_second "
+                                f"({self._bytes} bytes in {now - self._start:.0f} s)", recording=self._recording)
+        if now - self._start >= self._window_s:
+            self._start, self._bytes = now, 0
 
 
 def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int,
@@ -101,9 +145,15 @@ class Downloader:
 
     async def archive_row(self, row: Row) -> Archived:
         """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
-        the URL expired several times in a row (the caller must not burn an attempt for it)."""
-        for _ in range(MAX_URL_ROUNDS):
+        the URL expired several times in a row, DeferredError while a twin row transfers the same
+        recording (the caller must burn no attempt for either)."""
+        for round_no in range(MAX_URL_ROUNDS):
             url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
+            if round_no == 0:
+                settled = await self._bind(row, url.file or row.file or "")
+                if settled is not None:
+                    self.resolver.forget(row.key)
+                    return settled
             try:
                 result = await self._fetch(row, url)
             except UrlExpiredError:
@@ -112,6 +162,24 @@ class Downloader:
             self.resolver.forget(row.key)
             return result
         raise UrlExpiredError("the download URL expired again and again", recording=row.ref)
+
+    async def _bind(self, row: Row, served: str) -> Archived | None:
+        """One recording, one transfer: None to go on; an outcome when another row settled it."""
+        if not served:
+            return None
+        outcome, other = await self.ledger.call(lambda db: db.bind_name(row.key, served))
+        if outcome == "wait":
+            assert other is not None
+            log.info("download.deferred", recording=row.ref, twin=other.ref, retry_in_s=DEFER_S)
+            raise DeferredError(f"the same recording is being transferred as {other.ref!r}",
+                                retry_after_s=DEFER_S, recording=row.ref)
+        if outcome in ("done", "gone"):
+            log.info("download.merged", recording=row.ref, into=other.ref if other else None,
+                     path=other.final_path if other else None)
+            return Archived(final_path=(other.final_path or "") if other else "",
+                            size=(other.bytes or 0) if other else 0, sha256=(other.sha256 or "") if other else "",
+                            downloaded=False, merged=True)
+        return None
 
     async def _fetch(self, row: Row, url: DownloadUrl) -> Archived:
         served = url.file or row.file or ""
@@ -155,39 +223,43 @@ class Downloader:
 
     async def _adopt_existing(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str,
                               listing_size: int | None, st: os.stat_result) -> Archived | None:
-        """A verified file already under the final name is adopted, not downloaded again."""
-        if not stat.S_ISREG(st.st_mode):
+        """A file already under the final name is adopted without a download only when the ledger's
+        sha256 for the recording (kept from an earlier archiving) proves it is the same bytes. Looking
+        like audio proves nothing (an older script's stub), and neither does the right length (a
+        downloader that preallocates leaves full-size files with a hole of zeros): without the sha256
+        the recording is downloaded, and identical bytes are adopted then, other bytes kept beside
+        them (``_commit_elsewhere``)."""
+        if not stat.S_ISREG(st.st_mode) or row.sha256 is None or st.st_size != row.bytes:
             return None
-        if listing_size is not None and st.st_size != listing_size:
-            return None  # a different recording holds this name: download and keep both
         size, sha, head = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, rel.name)
-        if not looks_like_audio(head) or size == 0:
+        if sha != row.sha256 or not looks_like_audio(head):
             return None
-        log.info("download.adopted", recording=row.ref, path=str(rel), size=size)
+        log.info("download.adopted", recording=row.ref, path=str(rel), size=size, proof="sha256")
         return await self._finish(row, dir_fd, rel, served, size, sha, downloaded=False)
 
     async def _download(self, row: Row, url: DownloadUrl, dir_fd: int, rel: PurePosixPath, served: str,
                         listing_size: int | None) -> Archived:
-        part = part_name(rel.name)
+        part, keep = await self._resume_point(row, dir_fd, rel)
         part_rel = str(rel.parent / part)
-        keep = 0
-        if row.part_path == part_rel and row.part_synced > 0:
-            st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, part)
-            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= row.part_synced:
-                keep = row.part_synced
         try:
             fd = await asyncio.to_thread(ArchiveDir.open_part, dir_fd, part, keep=keep)
         except OSError as exc:
             raise self._os_error(exc, f"cannot create {part_rel!r}", row) from exc
         if row.part_path is not None and row.part_path != part_rel:
             await self.ledger.call(lambda db: db.set_part(row.key, None, 0))  # a stale checkpoint elsewhere
+        synced = [keep]  # what the ledger's checkpoint vouches for, as the transfer goes
         try:
             try:
-                size, sha, head = await self._stream(row, url, fd, part_rel, keep)
+                size, sha, head = await self._stream(row, url, fd, part_rel, keep, synced)
             except OSError as exc:
                 await self._discard(row, dir_fd, part)
                 raise self._os_error(exc, f"writing {part_rel!r} failed", row) from exc
-            # A broken transfer keeps its temp file: the ledger's checkpoint says how much of it to trust.
+            except BaseException:
+                if synced[0] == 0:
+                    # No checkpoint names this temp file: it can never be resumed, so it goes now.
+                    await asyncio.shield(self._discard(row, dir_fd, part, checkpoint=False))
+                raise
+            # A broken transfer keeps a checkpointed temp file: the ledger says how much of it to trust.
             problem = verification_problem(size, head, listing_size)
             if problem is not None:
                 await self._discard(row, dir_fd, part)
@@ -196,30 +268,49 @@ class Downloader:
             os.close(fd)
             raise
         try:
-            linked = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
+            linked, written = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
         except OSError as exc:
             # Never retry an fsync: the page cache may have dropped the data. Start over.
             await self._discard(row, dir_fd, part)
             raise self._os_error(exc, f"committing {part_rel!r} failed", row) from exc
-        final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, sha)
+        final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, sha, written)
+        if row.sha256 is not None and row.sha256 != sha:
+            log.warning("download.content_changed", recording=row.ref, path=str(final), before=row.sha256, now=sha,
+                        reason="the PBX served other bytes than the copy archived earlier")
         return await self._finish(row, dir_fd, final, served, size, sha, downloaded=True)
 
-    async def _discard(self, row: Row, dir_fd: int, part: str) -> None:
+    async def _resume_point(self, row: Row, dir_fd: int, rel: PurePosixPath) -> tuple[str, int]:
+        """(temp name, bytes to keep): this row's checkpointed temp file when it is still there, else
+        a new temp name unique to this attempt."""
+        if row.part_path is not None and row.part_synced > 0:
+            old = PurePosixPath(row.part_path)
+            if old.parent == rel.parent and old.name.startswith(f".{rel.name}"[:40]):
+                st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, old.name)
+                if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= row.part_synced:
+                    return old.name, row.part_synced
+        return part_name(rel.name), 0
+
+    async def _discard(self, row: Row, dir_fd: int, part: str, *, checkpoint: bool = True) -> None:
         def unlink() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part, dir_fd=dir_fd)
         await asyncio.to_thread(unlink)
-        # The checkpoint is recorded only once a transfer has fsynced one; clear it whatever it says.
-        await self.ledger.call(lambda db: db.set_part(row.key, None, 0))
+        if checkpoint:
+            # The checkpoint is recorded only once a transfer has fsynced one; clear it whatever it says.
+            await self.ledger.call(lambda db: db.set_part(row.key, None, 0))
 
-    async def _stream(self, row: Row, url: DownloadUrl, fd: int, part_rel: str, keep: int) -> tuple[int, str, bytes]:
-        """Write the body into ``fd`` from ``keep`` on; returns (size, sha256, first bytes)."""
+    async def _stream(self, row: Row, url: DownloadUrl, fd: int, part_rel: str, keep: int,
+                      checkpointed: list[int]) -> tuple[int, str, bytes]:
+        """Write the body into ``fd`` from ``keep`` on; returns (size, sha256, first bytes).
+        ``checkpointed[0]`` follows the bytes the ledger's checkpoint vouches for."""
         digest = hashlib.sha256()
         head = b""
         if keep:
             head, digest = await asyncio.to_thread(_hash_prefix, fd, keep)
+        dl = self.cfg.downloads
+        floor = ThroughputFloor(self.clock, dl.min_bytes_per_second, dl.throughput_window_s, row.ref)
         async with self.gate.slot(), self._counted(), \
-                self.client.open_file(url.url, offset=keep, recording=row.ref) as stream:
+                self.client.open_file(url.url, offset=keep, recording=row.ref, meter=floor) as stream:
             if stream.status == 416:
                 if keep and stream.total == keep:
                     return keep, digest.hexdigest(), head
@@ -229,9 +320,10 @@ class Downloader:
                 log.info("download.restart_from_zero", recording=row.ref, had=keep)
                 await asyncio.to_thread(_truncate, fd)
                 keep, digest, head = 0, hashlib.sha256(), b""
+                await self._checkpoint(row.key, None, 0)
+                checkpointed[0] = 0
             size = keep
             synced = keep
-            window_start, window_bytes = self.clock.monotonic(), 0
             pending = bytearray()
 
             async def flush() -> None:
@@ -251,21 +343,14 @@ class Downloader:
                         await flush()
                     size += len(chunk)
                     self.bytes_downloaded += len(chunk)
-                    window_bytes += len(chunk)
-                    now = self.last_chunk_at = self.clock.monotonic()
-                    dl = self.cfg.downloads
-                    if too_slow(window_bytes, now - window_start, dl.min_bytes_per_second, dl.throughput_window_s):
-                        raise TransferError(f"the transfer is slower than downloads.min_bytes_per_second "
-                                            f"({window_bytes} bytes in {now - window_start:.0f} s)",
-                                            recording=row.ref)
-                    if now - window_start >= dl.throughput_window_s:
-                        window_start, window_bytes = now, 0
-                    if size - synced >= self.cfg.downloads.checkpoint_bytes:
+                    self.last_chunk_at = self.clock.monotonic()
+                    if size - synced >= dl.checkpoint_bytes:
                         await flush()
                         await out.flush()
                         await asyncio.to_thread(os.fsync, fd)
                         synced = size
                         await self._checkpoint(row.key, part_rel, synced)
+                        checkpointed[0] = synced
                 await flush()
             expected = stream.total if stream.total is not None else (
                 stream.start + stream.length if stream.length is not None else None)
@@ -281,18 +366,18 @@ class Downloader:
         finally:
             self.in_flight -= 1
 
-    async def _checkpoint(self, key: str, part_rel: str, synced: int) -> None:
+    async def _checkpoint(self, key: str, part_rel: str | None, synced: int) -> None:
         await self.ledger.call(lambda db: db.set_part(key, part_rel, synced))
 
     async def _commit_elsewhere(self, row: Row, dir_fd: int, rel: PurePosixPath, part: str,
-                                sha: str) -> PurePosixPath:
+                                sha: str, written: os.stat_result) -> PurePosixPath:
         """The final name was taken when the temp file (fsynced) was linked: identical bytes are adopted,
         different bytes go under an alternate name; nothing is ever clobbered."""
         name = rel.name
         for n, candidate in enumerate((name, alternate_name(name, str(row.rec_id) if row.rec_id is not None
                                                             else sha[:12]))):
             try:
-                if n and await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate):
+                if n and await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate, written):
                     return rel.parent / candidate
                 _, existing_sha, _ = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, candidate)
             except OSError as exc:
@@ -309,10 +394,15 @@ class Downloader:
     async def _finish(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str, size: int, sha: str, *,
                       downloaded: bool) -> Archived:
         now = self.clock.wall()
-        await self.ledger.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now,
-                                   file=served or row.file)
+        try:
+            rec_id = await self.ledger.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now,
+                                                file=served or row.file)
+        except LedgerError as exc:
+            raise CommitNotRecorded(exc, {"key": row.key, "final_path": str(rel), "size": size, "sha256": sha,
+                                          "now": now, "file": served or row.file}) from exc
         if self.cfg.archive.sidecar:
-            data = sidecar_data(rec_id=row.rec_id, file=served or row.file, size=size, sha256=sha,
+            data = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=served or row.file,
+                                size=size, sha256=sha,
                                 archived_at=now, meta=row.meta)
             try:
                 await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
@@ -339,14 +429,17 @@ def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:
     return head, digest
 
 
-def _seal_and_link(fd: int, dir_fd: int, part: str, final: str) -> bool:
-    """fsync and close the temp file, then link it to its final name and fsync the folder, in one
-    thread hop. False when the final name is taken (the temp file stays for the caller)."""
+def _seal_and_link(fd: int, dir_fd: int, part: str, final: str) -> tuple[bool, os.stat_result]:
+    """fsync the temp file, link it to its final name and fsync the folder, then close it, in one
+    thread hop. The descriptor stays open until the link is checked, so its inode cannot be reused
+    by another file meanwhile. Returns (linked, the written file's fstat); not linked when the final
+    name is taken (the temp file stays for the caller)."""
     try:
         os.fsync(fd)
+        written = os.fstat(fd)
+        return ArchiveDir.commit(dir_fd, part, final, written), written
     finally:
         os.close(fd)
-    return ArchiveDir.commit(dir_fd, part, final)
 
 
 def _truncate(fd: int) -> None:

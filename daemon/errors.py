@@ -2,12 +2,16 @@
 
     ArchiverError
     ├── ConfigError              fix the configuration; exit 2
+    ├── WrongArchiveError        archive.dir is not the archive the ledger describes; start nothing; exit 6
     ├── FatalAuthError           the PBX refuses us (credentials, IP, permission); stop calling it; exit 3
+    │   └── PbxConfigError       the PBX says our configuration is wrong (API path/version, a redirect); exit 2
     ├── PauseError               pause the whole pipeline, burn no item's attempt; ``retry_after_s``
     │   ├── PbxUnavailableError  cannot reach the PBX (refused, DNS, timeout); exit 4 for ``check``
-    │   │   └── TlsError         certificate rejected: never falls back to no verification
+    │   │   └── TlsError         certificate rejected: never a fallback, never a retry loop in ``once``; exit 4
     │   ├── TokenLimitError      errcode 60002, the 8-token limit: back off minutes
     │   └── StorageError         disk full, read-only archive, fsync failure
+    │       └── LedgerError      SQLite failed (disk full, "database is locked"): the loop backs off and retries
+    ├── DeferredError            the same recording is being transferred under another name: later, burn nothing
     ├── RetryableError           this request failed; try the item again after a back-off
     │   ├── PbxBusyError         HTTP 5xx / 429, errcode -2, 2, 70082 and unknown errcodes
     │   ├── TransferError        body cut, stalled, wrong length, not audio
@@ -27,6 +31,8 @@ EXIT_FAILED_ITEMS = 1
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
+EXIT_INTERRUPTED = 5
+EXIT_WRONG_ARCHIVE = 6
 
 
 class ArchiverError(Exception):
@@ -68,6 +74,21 @@ class FatalAuthError(ArchiverError):
     exit_code = EXIT_AUTH
 
 
+class PbxConfigError(FatalAuthError):
+    """The PBX answered that the request itself is wrong for it: an API path or version it does not
+    serve, an action the application may not take, or a redirect we will not follow. Only a
+    configuration change fixes it, so it is never retried in a loop."""
+
+    exit_code = EXIT_CONFIG
+
+
+class WrongArchiveError(ArchiverError):
+    """``archive.dir`` is missing, or is not the archive the ledger describes (an unmounted disk, an
+    emptied folder, another archive's marker): downloading into it would hide the loss."""
+
+    exit_code = EXIT_WRONG_ARCHIVE
+
+
 class PauseError(ArchiverError):
     """Something outside any one recording is wrong: pause everything, burn no attempt."""
 
@@ -95,6 +116,21 @@ class StorageError(PauseError):
     """The archive cannot be written (disk full, read-only, fsync failed)."""
 
     exit_code = EXIT_FAILED_ITEMS
+
+
+class LedgerError(StorageError):
+    """The ledger (SQLite) could not be read or written: disk full, a lock held past the busy timeout,
+    an I/O error. Nothing is lost by waiting: the caller backs off and tries again."""
+
+
+class DeferredError(ArchiverError):
+    """This recording is being transferred right now under another ledger row (named by id and by file
+    name): try again after ``retry_after_s`` without burning an attempt, so that one recording never
+    has two transfers at once."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, recording: str | None = None) -> None:
+        super().__init__(message, recording=recording)
+        self.retry_after_s = retry_after_s
 
 
 class RetryableError(ArchiverError):

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from daemon.errors import StorageError
+from daemon.errors import LedgerError, StorageError
 
 STATES = ("pending", "in_progress", "done", "failed", "missing")
+FILE_MODE = 0o600          # the ledger holds callers' names and numbers
+DIR_MODE = 0o700
+KV_ARCHIVE_ID = "archive.id"
+KV_REBUILT = "reconcile.rebuild_complete"
+DEFER_S = 15.0             # a twin row transferring the same recording: look again this much later
 META_FIELDS = ("size", "time", "uid", "call_from", "call_to", "call_type", "duration")
 
 SCHEMA = """
@@ -107,13 +112,34 @@ def _row(r: sqlite3.Row) -> Row:
                done_at=r["done_at"])
 
 
+def ledger_error(exc: BaseException, path: Path) -> LedgerError:
+    """The archiver's error for an SQLite or file-system failure of the ledger at ``path``."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return LedgerError(f"the ledger {str(path)!r} failed: {text}")
+
+
+def _private_files(path: Path) -> None:
+    """Create the ledger file 0600 before SQLite does (its -wal and -shm files copy the database's
+    mode), and take group/other access away from files an older version made."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            if p.stat().st_mode & 0o077:
+                p.chmod(FILE_MODE)
+
+
 class LedgerDb:
-    """Blocking access to the ledger. Use it from one thread only (``Ledger`` arranges that)."""
+    """Blocking access to the ledger. Use it from one thread only (``Ledger`` arranges that).
+
+    Creates the ledger's own folder (0700) when missing, never its parents: a ledger inside an
+    unmounted ``archive.dir`` must not create that folder."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            path.parent.mkdir(mode=DIR_MODE)
         self.path = path
-        self.existed = path.exists() and path.stat().st_size > 0
+        _private_files(path)
         self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         self.conn.row_factory = sqlite3.Row
         # busy_timeout first: a second process (status, enqueue) may hold the lock for a moment.
@@ -142,7 +168,11 @@ class LedgerDb:
 
     # ---------------------------------------------------------------- sources
     def enqueue(self, refs: Iterable[Ref], *, source: str, now: float) -> int:
-        """Add recordings not yet known; fill in metadata of known pending ones. Returns how many were new."""
+        """Add recordings not yet known; fill in metadata of known pending ones. Returns how many were new.
+
+        One recording, one row: a name already held by a row is not added again, and an id that brings
+        the name of a row made from that name (an event, the queue file) replaces that row — or, while
+        it is being transferred, waits for it and takes its result (see ``complete_many``)."""
         added = 0
         with self.write() as c:
             for ref in refs:
@@ -152,14 +182,16 @@ class LedgerDb:
                     if known is not None:
                         continue
                 elif ref.file is not None:
-                    # The same recording, named by file earlier (an event, the queue file): the id row
-                    # with its metadata replaces a file row still waiting; one being worked on wins.
-                    by_name = c.execute("SELECT state FROM recordings WHERE key = ?",
+                    by_name = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?",
                                         (key_for(None, ref.file),)).fetchone()
-                    if by_name is not None and by_name["state"] in ("in_progress", "done", "missing"):
+                    if by_name is not None and by_name["state"] == "done":
+                        if c.execute("SELECT 1 FROM recordings WHERE key = ?", (ref.key,)).fetchone() is None:
+                            self._insert_done_copy(c, ref, by_name, source=source, now=now)
+                            added += 1
+                        c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
                         continue
-                    if by_name is not None:
-                        c.execute("DELETE FROM recordings WHERE key = ?", (key_for(None, ref.file),))
+                    if by_name is not None and by_name["state"] != "in_progress":
+                        c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
                 cur = c.execute(
                     "INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, updated_at, "
                     + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'pending', ?, ?, ?, "
@@ -176,6 +208,17 @@ class LedgerDb:
                         (ref.file, *(meta.get(f) for f in META_FIELDS), ref.key),
                     )
         return added
+
+    @staticmethod
+    def _insert_done_copy(c: sqlite3.Connection, ref: Ref, done: sqlite3.Row, *, source: str, now: float) -> None:
+        """An id row that takes over what its name row already archived (no second transfer)."""
+        meta = dict(ref.meta)
+        c.execute(
+            "INSERT INTO recordings (key, rec_id, file, state, final_path, bytes, sha256, source, created_at, "
+            "updated_at, done_at, " + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, "
+            + ", ".join("?" * len(META_FIELDS)) + ")",
+            (ref.key, ref.rec_id, done["file"], done["final_path"], done["bytes"], done["sha256"], source, now, now,
+             done["done_at"], *(meta.get(f, done[f]) for f in META_FIELDS)))
 
     def enqueue_many(self, refs: list[Ref], *, source: str, now: float) -> int:
         """Fast path for big batches of bare ids/names (the queue file): one statement, no metadata."""
@@ -194,8 +237,11 @@ class LedgerDb:
     def claim(self, limit: int, *, now: float, lease_s: float) -> list[Row]:
         """Take up to ``limit`` due pending rows and mark them in progress with a lease."""
         with self.write() as c:
-            rows = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state = 'pending' AND "
-                             "next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?", (now, limit)).fetchall()
+            # A row whose twin (same file name, another key) is being transferred waits for it.
+            rows = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings r WHERE state = 'pending' AND "
+                             "next_attempt_at <= ? AND (file IS NULL OR NOT EXISTS (SELECT 1 FROM recordings o "
+                             "WHERE o.file = r.file AND o.state = 'in_progress' AND o.key != r.key)) "
+                             "ORDER BY next_attempt_at, rowid LIMIT ?", (now, limit)).fetchall()
             c.executemany("UPDATE recordings SET state = 'in_progress', lease_until = ?, updated_at = ? "
                           "WHERE key = ?", [(now + lease_s, now, r["key"]) for r in rows])
         return [_row(r) for r in rows]
@@ -212,22 +258,92 @@ class LedgerDb:
         with self.write() as c:
             c.execute("UPDATE recordings SET part_path = ?, part_synced = ? WHERE key = ?", (part_path, synced, key))
 
-    def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
-                 file: str | None = None) -> None:
-        """Mark done, with the file name the PBX served (when it told one)."""
-        with self.write() as c:
-            c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
-                      "file = COALESCE(?, file), last_error = NULL, lease_until = NULL, part_path = NULL, "
-                      "part_synced = 0, done_at = ?, updated_at = ? WHERE key = ?",
-                      (final_path, size, sha256, file, now, now, key))
+    def bind_name(self, key: str, served: str) -> tuple[str, Row | None]:
+        """The PBX told the file name it serves for ``key``'s recording: make sure no other row
+        transfers or holds the same recording. Returns one of
 
-    def complete_many(self, items: list[dict[str, Any]]) -> None:
-        """Several ``complete`` calls in one transaction (group commit: one fsync for all of them)."""
+        - ``("proceed", None)``: this row is the recording's only transfer (a waiting name row for
+          it is dropped; a waiting id row is left to take this row's result at completion);
+        - ``("wait", twin)``: ``twin`` is transferring it now: try later, burn nothing;
+        - ``("done", row)``: it is archived already, under ``row`` (this row may have been merged away);
+        - ``("gone", None)``: this row no longer exists (merged into its twin meanwhile).
+        """
+        # The common case (a known name, no twin) is answered by a read: no transaction, no fsync.
+        me = self.conn.execute("SELECT state, file FROM recordings WHERE key = ?", (key,)).fetchone()
+        if me is not None and me["state"] != "done" and me["file"] is not None and self.conn.execute(
+                "SELECT 1 FROM recordings WHERE file = ? AND key != ? LIMIT 1", (served, key)).fetchone() is None:
+            return "proceed", None
+        with self.write() as c:
+            me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
+            if me is None:
+                return "gone", None
+            if me["state"] == "done":
+                return "done", _row(me)
+            if me["file"] is None:
+                c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
+            twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file = ? AND key != ? ORDER BY rowid",
+                              (served, key)).fetchall()
+            for twin in twins:
+                if twin["rec_id"] is not None and me["rec_id"] is not None:
+                    continue  # two ids: two recordings that happen to share a name (alternate names)
+                if twin["state"] == "in_progress":
+                    return "wait", _row(twin)
+                if twin["state"] == "done":
+                    if me["rec_id"] is not None:  # the id row takes over its name row's result
+                        c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
+                                  "done_at = ?, last_error = NULL, lease_until = NULL, part_path = NULL, "
+                                  "part_synced = 0, updated_at = done_at WHERE key = ?",
+                                  (twin["final_path"], twin["bytes"], twin["sha256"], twin["done_at"], key))
+                        c.execute("DELETE FROM recordings WHERE key = ?", (twin["key"],))
+                        merged = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
+                        return "done", _row(merged)
+                    c.execute("DELETE FROM recordings WHERE key = ?", (key,))
+                    return "done", _row(twin)
+                if twin["rec_id"] is None:
+                    c.execute("DELETE FROM recordings WHERE key = ?", (twin["key"],))
+            return "proceed", None
+
+    def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
+                 file: str | None = None) -> int | None:
+        """Mark done, with the file name the PBX served (when it told one). Returns the recording id."""
+        return self.complete_many([{"key": key, "final_path": final_path, "size": size, "sha256": sha256,
+                                    "now": now, "file": file}])[0]
+
+    def complete_many(self, items: list[dict[str, Any]]) -> list[int | None]:
+        """Several ``complete`` calls in one transaction (group commit: one fsync for all of them).
+
+        A name row's result goes to the id row waiting for the same recording, and the name row goes:
+        one recording, one row. Returns, per item, the id of the recording (None when unknown)."""
+        out: list[int | None] = []
         with self.write() as c:
             c.executemany("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
                           "sha256 = :sha256, file = COALESCE(:file, file), last_error = NULL, lease_until = NULL, "
                           "part_path = NULL, part_synced = 0, done_at = :now, updated_at = :now WHERE key = :key",
                           items)
+            for item in items:
+                row = c.execute("SELECT rec_id, file FROM recordings WHERE key = ?", (item["key"],)).fetchone()
+                if row is None or row["file"] is None:
+                    out.append(None if row is None else row["rec_id"])
+                    continue
+                if row["rec_id"] is None:
+                    # Only a waiting row: one in progress belongs to its worker, which will find this
+                    # result when it binds the name (``bind_name``).
+                    waiting = c.execute("SELECT key, rec_id FROM recordings WHERE file = ? AND rec_id IS NOT NULL "
+                                        "AND state NOT IN ('done', 'in_progress') ORDER BY rowid LIMIT 1",
+                                        (row["file"],)).fetchone()
+                    if waiting is not None:
+                        c.execute("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
+                                  "sha256 = :sha256, last_error = NULL, lease_until = NULL, part_path = NULL, "
+                                  "part_synced = 0, done_at = :now, updated_at = :now WHERE key = :twin",
+                                  {**item, "twin": waiting["key"]})
+                        c.execute("DELETE FROM recordings WHERE key = ?", (item["key"],))
+                        out.append(waiting["rec_id"])
+                        continue
+                else:
+                    c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file = ? AND state != 'in_progress'",
+                              (row["file"],))
+                out.append(row["rec_id"])
+        return out
 
     def reschedule(self, key: str, *, error: str, next_at: float, burn: bool, max_attempts: int, now: float) -> str:
         """Back to pending after a failed attempt (or ``failed`` once the budget is spent). Returns the state."""
@@ -254,6 +370,9 @@ class LedgerDb:
                       "part_synced = 0, updated_at = ? WHERE key = ?", (state, error[:1000], now, key))
 
     # ---------------------------------------------------------------- operators
+    def has_done(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM recordings WHERE state = 'done' LIMIT 1").fetchone() is not None
+
     def retry(self, keys: list[str] | None, *, now: float) -> int:
         """Failed rows (all, or those keyed) back to pending with a fresh attempt budget."""
         with self.write() as c:
@@ -305,15 +424,19 @@ class LedgerDb:
                              "WHERE state = 'in_progress'", (now,)).rowcount
 
     def requeue(self, key: str, *, reason: str, now: float) -> None:
-        """A done row whose file vanished: pending again, fresh budget."""
+        """A done row whose file vanished: pending again, fresh budget. Its path, size and sha256 stay
+        as the evidence of what was archived (and let an identical copy found later be adopted)."""
         with self.write() as c:
-            c.execute("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, final_path = NULL, "
-                      "bytes = NULL, sha256 = NULL, last_error = ?, updated_at = ? WHERE key = ?", (reason, now, key))
+            c.execute("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, last_error = ?, "
+                      "updated_at = ? WHERE key = ?", (reason, now, key))
 
     def adopt(self, ref: Ref, *, final_path: str, size: int, sha256: str, now: float) -> None:
         """Record a verified file found on disk as done (ledger rebuild)."""
         meta = dict(ref.meta)
         with self.write() as c:
+            if ref.rec_id is not None and ref.file:
+                c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file = ? AND state != 'in_progress'",
+                          (ref.file,))
             c.execute(
                 "INSERT INTO recordings (key, rec_id, file, state, final_path, bytes, sha256, source, created_at, "
                 "updated_at, done_at, " + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'done', ?, ?, ?, 'rebuild', "
@@ -332,8 +455,9 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileExistsError):
+            self.path.parent.mkdir(mode=DIR_MODE)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -396,9 +520,8 @@ def _claim_batch(db: LedgerDb, requests: list[tuple[float, float]]) -> list[Row 
     return rows + [None] * (len(requests) - len(rows))
 
 
-def _complete_batch(db: LedgerDb, items: list[dict[str, Any]]) -> list[None]:
-    db.complete_many(items)
-    return [None] * len(items)
+def _complete_batch(db: LedgerDb, items: list[dict[str, Any]]) -> list[int | None]:
+    return db.complete_many(items)
 
 
 class Ledger:
@@ -409,37 +532,42 @@ class Ledger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._db: LedgerDb | None = None
         self._claims: GroupCommit[tuple[float, float], Row | None] = GroupCommit(self, _claim_batch)
-        self._completions: GroupCommit[dict[str, Any], None] = GroupCommit(self, _complete_batch)
+        self._completions: GroupCommit[dict[str, Any], int | None] = GroupCommit(self, _complete_batch)
 
     async def claim_one(self, *, now: float, lease_s: float) -> Row | None:
         """One due row for one worker; concurrent claims share a transaction."""
         return await self._claims((now, lease_s))
 
     async def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
-                       file: str | None) -> None:
-        """Mark a recording done; concurrent completions share a transaction (and its fsync)."""
-        await self._completions({"key": key, "final_path": final_path, "size": size, "sha256": sha256,
-                                 "now": now, "file": file})
+                       file: str | None) -> int | None:
+        """Mark a recording done; concurrent completions share a transaction (and its fsync).
+        Returns the recording's id, when known (a name row may have merged into its id row)."""
+        return await self._completions({"key": key, "final_path": final_path, "size": size, "sha256": sha256,
+                                        "now": now, "file": file})
 
     async def __aenter__(self) -> Ledger:
         def open_db() -> LedgerDb:
             return LedgerDb(self.path)
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, open_db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._executor.shutdown(wait=True)
-            raise StorageError(f"cannot open the ledger {str(self.path)!r}: {exc}") from exc
+            raise ledger_error(exc, self.path) from exc
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
     async def call(self, fn: Callable[[LedgerDb], T]) -> T:
-        """Run ``fn(db)`` on the ledger thread."""
+        """Run ``fn(db)`` on the ledger thread. SQLite's errors come back as ``LedgerError``: a full
+        disk or a lock held too long is a pause for the caller, never the end of a loop."""
         db = self._db
         if db is None:
             raise RuntimeError("ledger is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, db)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, db)
+        except sqlite3.Error as exc:
+            raise ledger_error(exc, self.path) from exc
 
     async def close(self) -> None:
         db, self._db = self._db, None

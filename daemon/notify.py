@@ -33,18 +33,20 @@ TRIES = 3
 
 
 def pause_kind(reason: str | None) -> str | None:
-    """What a pause is about, for the operator: auth, disk or pbx (None when not paused). Pure."""
+    """What a pause is about, for the operator: auth, certificate, disk or pbx (None when not paused). Pure."""
     if reason is None:
         return None
     if reason == "FatalAuthError":
         return "auth"
-    if reason == "StorageError":
+    if reason == "TlsError":
+        return "certificate"
+    if reason in ("StorageError", "LedgerError"):
         return "disk"
     return "pbx"
 
 
 def should_announce_pause(kind: str, paused_for_s: float, pbx_down_after_s: float) -> bool:
-    """Auth and disk trouble need a person at once; a PBX outage only once it has lasted. Pure."""
+    """Auth, certificate and disk trouble need a person at once; a PBX outage only once it has lasted. Pure."""
     return kind != "pbx" or paused_for_s >= pbx_down_after_s
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -10,10 +11,14 @@ from typing import Any
 
 import structlog
 
-from daemon.archive import ArchiveDir, looks_like_audio, sidecar_data
-from daemon.ledger import META_FIELDS, LedgerDb, Ref
+from daemon.archive import ArchiveDir, is_part_name, looks_like_audio, sidecar_data
+from daemon.errors import WrongArchiveError
+from daemon.ledger import KV_ARCHIVE_ID, KV_REBUILT, META_FIELDS, LedgerDb, Ref
 
 log = structlog.get_logger("daemon.reconcile")
+
+IDENTITY_SAMPLE = 20   # done rows looked at to tell "this archive" from "an empty folder"
+MAX_ERROR_PATHS = 20
 
 
 @dataclass
@@ -25,6 +30,62 @@ class ReconcileReport:
     parts_kept: int = 0
     untracked: int = 0
     sidecars_written: int = 0
+    errors: int = 0
+    error_paths: list[str] = field(default_factory=list)
+    rebuild_complete: bool = True
+
+    def error(self, path: str, exc: BaseException, what: str) -> None:
+        """One file that could not be checked or mended: counted and reported, the rest goes on."""
+        self.errors += 1
+        if len(self.error_paths) < MAX_ERROR_PATHS:
+            self.error_paths.append(path)
+        log.warning("reconcile.file_error", path=path, action=what, error=str(exc))
+
+
+def identity_decision(recorded: str | None, on_disk: str | None, *, has_done: bool, done_present: int
+                      ) -> tuple[str, str]:
+    """Is ``archive.dir`` the archive this ledger describes? Pure; tested as a table.
+
+    ``recorded``: the archive id the ledger knows; ``on_disk``: the marker found; ``done_present``: how
+    many of a sample of done recordings are on disk. Returns (action, why) with action one of
+    ``ok``, ``record`` (keep the marker on disk, record it), ``create`` (write a marker, record it)
+    or ``refuse`` (exit 6: download nothing into it)."""
+    if on_disk is not None and recorded is not None:
+        if on_disk == recorded:
+            return "ok", "the archive's marker is the ledger's"
+        return "refuse", (f"archive.dir holds another archive (marker {on_disk}, the ledger's is {recorded}): "
+                          "check archive.dir and state.path")
+    if recorded is not None:
+        return "refuse", (f"archive.dir has no archive marker, but the ledger describes archive {recorded}: "
+                          "is the archive disk mounted? (an emptied or replaced folder must not be filled "
+                          "again unnoticed)")
+    if not has_done or done_present > 0:
+        return ("record", "adopting the archive's marker") if on_disk is not None else \
+            ("create", "a new archive" if not has_done else "marking an archive made before markers existed")
+    return "refuse", ("the ledger holds archived recordings, but none of those looked at is in archive.dir: "
+                      "is the archive disk mounted?")
+
+
+def check_identity(db: LedgerDb, archive: ArchiveDir) -> str:
+    """Apply ``identity_decision``; returns the archive id. Raises WrongArchiveError (exit 6)."""
+    recorded = db.kv_get(KV_ARCHIVE_ID)
+    on_disk = archive.read_marker()
+    has_done = db.has_done()
+    present = 0
+    if recorded is None and has_done:
+        sample = db.conn.execute("SELECT final_path FROM recordings WHERE state = 'done' AND final_path IS NOT "
+                                 "NULL ORDER BY done_at DESC LIMIT ?", (IDENTITY_SAMPLE,)).fetchall()
+        present = sum(1 for r in sample if archive.exists(PurePosixPath(r[0])))
+    action, why = identity_decision(recorded, on_disk, has_done=has_done, done_present=present)
+    if action == "refuse":
+        raise WrongArchiveError(f"archive.dir {str(archive.root)!r}: {why}")
+    if action == "create":
+        on_disk = archive.write_marker()
+    assert on_disk is not None
+    if action != "ok":
+        db.kv_set(KV_ARCHIVE_ID, on_disk)
+        log.info("archive.marked", archive_id=on_disk, reason=why)
+    return on_disk
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -40,15 +101,18 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
     """Blocking; run on the ledger thread while holding the run lock (no other runner is alive).
 
     1. rows left in progress by a dead process go back to pending;
-    2. a new (or deleted) ledger is rebuilt from the sidecars of verified files on disk;
-    3. a done row whose file vanished is re-queued and reported;
+    2. until a rebuild has run to its end once, the ledger is rebuilt from the sidecars of verified
+       files on disk (a new or deleted ledger, one made by ``enqueue`` first, one cut short);
+    3. a done row whose file vanished is re-queued and reported (its sha256 kept);
     4. temp files are kept only where the ledger holds a resume checkpoint for them;
     5. a done row whose sidecar is missing (a write that failed, say on a full disk) gets it back.
+    A file that cannot be read or mended is counted and reported; it never stops the rest.
     """
     report = ReconcileReport(leases_reset=db.reset_in_progress(now=now))
     keep_parts = {r.part_path for r in db.rows("pending") if r.part_path and r.part_synced > 0}
     known_paths = {r.final_path for r in db.rows("done") if r.final_path}
-    rebuild = not db.existed
+    rebuild = db.kv_get(KV_REBUILT) != "1"
+    rebuild_errors = 0
     skip_rel = None
     if skip is not None:
         try:
@@ -56,48 +120,87 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
         except ValueError:
             skip_rel = None
 
-    for folder, files in archive.walk():
+    def walk_error(exc: OSError) -> None:
+        nonlocal rebuild_errors
+        rebuild_errors += 1
+        report.error(str(exc.filename or "?"), exc, "folder not listed")
+
+    for folder, files in archive.walk(onerror=walk_error):
         if skip_rel is not None and (folder == skip_rel or skip_rel in folder.parents):
             continue
         names = set(files)
         for name in files:
             rel = folder / name
-            if name.startswith(".") and name.endswith(".part"):
+            if is_part_name(name):
                 if str(rel) in keep_parts:
                     report.parts_kept += 1
-                else:
+                    continue
+                try:
                     os.unlink(archive.root / rel)
                     report.parts_removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    report.error(str(rel), exc, "stray temp file left")
                 continue
             if not name.lower().endswith((".wav", ".mp3")) or str(rel) in known_paths:
                 continue
-            if rebuild and f"{name}.json" in names and _adopt_from_sidecar(db, archive, rel, now):
-                report.rebuilt += 1
-                known_paths.add(str(rel))
-            else:
-                report.untracked += 1
+            if rebuild and f"{name}.json" in names:
+                try:
+                    adopted = _adopt_from_sidecar(db, archive, rel, now)
+                except OSError as exc:
+                    rebuild_errors += 1
+                    report.error(str(rel), exc, "not adopted")
+                    adopted = False
+                if adopted:
+                    report.rebuilt += 1
+                    known_paths.add(str(rel))
+                    continue
+            report.untracked += 1
+    if rebuild:
+        # Done once, to the end; a rebuild cut short (a crash) or hindered (a read error) runs again.
+        report.rebuild_complete = rebuild_errors == 0
+        if report.rebuild_complete:
+            db.kv_set(KV_REBUILT, "1")
 
     for row in db.rows("done"):
         if not row.final_path:
             continue
-        if not os.path.isfile(archive.root / row.final_path):
+        rel = PurePosixPath(row.final_path)
+        try:
+            present = archive.exists(rel)
+        except OSError as exc:
+            report.error(row.final_path, exc, "not checked")
+            continue
+        if present is None:
+            # A symlink stands in the path: what is behind it is not inside the archive. Nothing is
+            # written through it, and the row keeps its evidence.
+            report.error(row.final_path, OSError(errno.ELOOP, "a symlink or non-directory is in the path"),
+                         "left as archived")
+            continue
+        if not present:
             db.requeue(row.key, reason=f"archived file {row.final_path!r} vanished", now=now)
             report.vanished.append(row.final_path)
-            log.warning("reconcile.file_vanished", recording=row.ref, path=row.final_path, action="re-queued")
+            log.warning("reconcile.file_vanished", recording=row.ref, path=row.final_path, sha256=row.sha256,
+                        action="re-queued")
         elif sidecars and row.sha256 and row.bytes is not None \
-                and not os.path.exists(archive.root / f"{row.final_path}.json"):
-            rel = PurePosixPath(row.final_path)
+                and archive.exists(PurePosixPath(f"{row.final_path}.json")) is False:
             data = sidecar_data(rec_id=row.rec_id, file=row.file, size=row.bytes, sha256=row.sha256,
                                 archived_at=row.done_at or now, meta=row.meta)
-            dir_fd = archive.open_dir(rel.parent, create=False)
             try:
-                ArchiveDir.write_sidecar(dir_fd, rel.name, data)
-            finally:
-                os.close(dir_fd)
+                dir_fd = archive.open_dir(rel.parent, create=False)
+                try:
+                    ArchiveDir.write_sidecar(dir_fd, rel.name, data)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                report.error(f"{row.final_path}.json", exc, "sidecar not written")
+                continue
             report.sidecars_written += 1
     log.info("reconcile.done", leases_reset=report.leases_reset, rebuilt=report.rebuilt,
              vanished=len(report.vanished), parts_removed=report.parts_removed, parts_kept=report.parts_kept,
-             untracked=report.untracked, sidecars_written=report.sidecars_written)
+             untracked=report.untracked, sidecars_written=report.sidecars_written, errors=report.errors,
+             rebuild_complete=report.rebuild_complete)
     return report
 
 

@@ -11,26 +11,30 @@ from typing import Any
 
 import structlog
 
-from daemon.archive import ArchiveDir
+from daemon.archive import ArchiveDir, storage_error
 from daemon.client import PbxClient
 from daemon.clock import Clock, SystemClock, sleep_or_stop
-from daemon.config import LIVE_KEYS, Config, changed_keys, load_config, with_keys
+from daemon.config import LIVE_KEYS, MAX_WORKERS, Config, changed_keys, load_config, with_keys
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
-from daemon.errors import ArchiverError, ConfigError, FatalAuthError
-from daemon.ledger import Ledger, Ref, RunLock
+from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
+from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
 from daemon.logs import set_level
 from daemon.notify import Notifier
-from daemon.reconcile import ReconcileReport, reconcile
+from daemon.reconcile import ReconcileReport, check_identity, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler
 from daemon.service import Health, HealthServer, Metrics, SdNotify, feed_watchdog
 from daemon.sources import QueueTail, follow_queue
+from daemon.supervise import Loops, restart_delay, supervise
 
 log = structlog.get_logger("daemon.runner")
 
 DISCOVER_ONCE_TRIES = 5
 STATUS_INTERVAL_S = 5.0
+# After the grace time, everything left (the notifier's last messages, revoking the token, closing
+# the ledger) shares this much more: the whole stop stays below the unit's TimeoutStopSec.
+STOP_TAIL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,13 @@ class RunResult:
     fatal: FatalAuthError | None
     elapsed_s: float
     gave_up: bool = False
+    untrusted: TlsError | None = None   # the PBX's certificate was rejected (``once``: exit 4)
+    interrupted: bool = False           # stopped by a signal before the queue was drained
+
+    @property
+    def left(self) -> int:
+        """Recordings still to do."""
+        return self.counts.get("pending", 0) + self.counts.get("in_progress", 0)
 
 
 @dataclass
@@ -57,21 +68,35 @@ ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
 
 async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: Clock | None = None,
                        progress: ProgressHook | None = None, notify: SdNotify | None = None,
-                       health: Health | None = None, reload: asyncio.Event | None = None) -> RunResult:
+                       health: Health | None = None, reload: asyncio.Event | None = None,
+                       hurry: asyncio.Event | None = None) -> RunResult:
     """Archive until ``stop`` (``run``) or until everything queued has ended (``once``).
 
     ``run`` also serves health and metrics on ``service.listen`` and speaks sd_notify. Resources are
-    closed in reverse order whatever happens. Raises StorageError when the archive or the ledger
-    cannot be opened (or another runner holds it), ConfigError when ``service.listen`` is taken.
+    closed in reverse order whatever happens; the whole stop takes at most ``shutdown_grace_s`` (less
+    when ``hurry`` is set) plus ``STOP_TAIL_S``. Raises WrongArchiveError when ``archive.dir`` is missing
+    or not the ledger's archive, StorageError when the ledger cannot be opened (or another runner
+    holds it), ConfigError when ``service.listen`` is taken.
     """
     clock = clock or SystemClock()
     notify = notify or SdNotify()
     health = health or Health(clock)
+    loops = health.loops
     metrics = Metrics(health)
     started = clock.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         background = TaskSet()
         stack.push_async_callback(background.close)
+        archive = ArchiveDir(cfg.archive.dir)
+        await asyncio.to_thread(archive.check_root)
+        # The lock before the port: a second run is told "another run is using the ledger", the
+        # true reason, not "address already in use".
+        lock = RunLock(cfg.state.path)
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise LedgerError(f"cannot take the ledger lock {str(lock.path)!r}: {exc.strerror or exc}") from exc
+        stack.callback(lock.release)
         if not once:
             if cfg.service.listen:
                 server = HealthServer(health, metrics)
@@ -85,27 +110,29 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             if notify.watchdog_s is not None:
                 window = notify.watchdog_s
                 background.start(feed_watchdog(notify, lambda: health.alive(window), clock, stop), "watchdog")
-        archive = ArchiveDir(cfg.archive.dir)
-        await asyncio.to_thread(archive.ensure_root)
-        lock = RunLock(cfg.state.path)
-        lock.acquire()
-        stack.callback(lock.release)
-        ledger = await stack.enter_async_context(Ledger(cfg.state.path))
-        report = await ledger.call(lambda db: reconcile(db, archive, now=clock.wall(), skip=cfg.state.path.parent,
-                                                        sidecars=cfg.archive.sidecar))
+        opened = await _open_and_reconcile(cfg, archive, clock, stop, notify, loops, once=once)
+        if opened is None:  # stopped while the ledger could not be opened or reconciled
+            return RunResult(stats=RunStats(), counts={}, reconcile=ReconcileReport(), fatal=None,
+                             elapsed_s=clock.monotonic() - started, interrupted=True)
+        ledger, report = opened
+        stack.push_async_callback(ledger.close)
         if cfg.sources.ids:
             refs = [Ref(rec_id=i) for i in cfg.sources.ids]
             added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
             log.info("sources.config_ids", ids=len(refs), added=added)
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
-            url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg)))
+            url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
+            # Sized for the most workers a reload may ask for: a pool wait counts against the connect timeout.
+            workers=MAX_WORKERS))
         gate = RequestGate(cfg.pbx.recording_format)
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
         downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive)
         scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once,
                               on_archived=metrics.download_seconds.observe)
+        if hurry is not None:
+            scheduler.hurry = hurry
         pipeline = Pipeline(ledger, scheduler, downloader)
         health.pipeline = pipeline
         await _refresh_counts(health, ledger)
@@ -115,23 +142,28 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         log.info("service.ready", once=once)
         if not once:
             background.start(_watch_stop(stop, health, notify), "stop-watch")
-            background.start(_report_status(health, ledger, notify, clock, stop), "status")
-            background.start(_probe_pbx(client, cfg.service.pbx_probe_interval_s, clock, stop), "pbx-probe")
-        queue = QueueSource(ledger, scheduler, clock, stop)
+            background.start(supervise("status", lambda: _report_status(health, ledger, notify, clock, stop),
+                                       loops, clock, stop), "status")
+            background.start(supervise("pbx.probe", lambda: _probe_pbx(client, cfg.service.pbx_probe_interval_s,
+                                                                         clock, stop), loops, clock, stop),
+                             "pbx-probe")
+        queue = QueueSource(ledger, scheduler, clock, stop, loops)
         if once:
             await queue.read_once(cfg)
         else:
             queue.follow(cfg)
             stack.push_async_callback(queue.close)
         if reload is not None and not once:
-            background.start(_reload_on_signal(reload, cfg, scheduler, client, queue), "reload")
-        discovery_fatal = None
+            background.start(supervise("reload", lambda: _reload_on_signal(reload, cfg, scheduler, client, queue),
+                                       loops, clock, stop), "reload")
+        discovery_stop: ArchiverError | None = None
         if cfg.sources.discover.enabled:
-            discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify)
+            discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify, loops)
             if once:
-                discovery_fatal = await _discover_once(discovery, clock, stop)
+                discovery_stop = await _discover_once(discovery, clock, stop)
             else:
-                background.start(_guarded(discovery.run(stop)), "discovery")
+                background.start(supervise("discovery", lambda: discovery.run(stop), loops, clock, stop),
+                                 "discovery")
         done = asyncio.Event()
         finishing = []  # tasks that get to finish their work after the scheduler, not a cancellation
         if progress is not None:
@@ -140,20 +172,70 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             notifier = Notifier(cfg.notify, health, clock, cfg.pbx.user_agent)
             finishing.append(asyncio.create_task(notifier.run(done), name="notifier"))
         try:
-            stats = await scheduler.run()
+            if discovery_stop is not None:
+                stats = scheduler.stats   # the PBX refused us or is untrusted: nothing to try
+            else:
+                stats = await scheduler.run()
         finally:
             health.stopping = True
+            tail_deadline = clock.monotonic() + STOP_TAIL_S
             await background.close()
             done.set()  # the reporter draws its final line, the notifier sends what is queued
-            await asyncio.gather(*finishing, return_exceptions=True)
-        fatal = scheduler.fatal or discovery_fatal
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*finishing, return_exceptions=True),
+                                       max(0.1, tail_deadline - clock.monotonic()))
+            client.close_timeout_s = max(0.1, min(cfg.pbx.timeout_s, tail_deadline - clock.monotonic()))
+        fatal = scheduler.fatal or (discovery_stop if isinstance(discovery_stop, FatalAuthError) else None)
+        untrusted = scheduler.untrusted or (discovery_stop if isinstance(discovery_stop, TlsError) else None)
         counts = await ledger.call(lambda db: db.counts())
     elapsed = clock.monotonic() - started
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
-             failed=stats.failed, missing=stats.missing, retries=stats.retried, pauses=stats.pauses,
-             bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2), ledger=counts)
+             merged=stats.merged, failed=stats.failed, missing=stats.missing, retries=stats.retried,
+             pauses=stats.pauses, bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2),
+             ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
-                     gave_up=scheduler.gave_up)
+                     gave_up=scheduler.gave_up, untrusted=untrusted, interrupted=stop.is_set())
+
+
+async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, stop: asyncio.Event,
+                              notify: SdNotify, loops: Loops, *, once: bool) -> tuple[Ledger, ReconcileReport] | None:
+    """Open the ledger, check that archive.dir is its archive, and reconcile the two. While the disk or
+    the ledger cannot be written (full, read-only, a lock held too long) this is retried with back-off
+    — ``run`` telling systemd it needs longer to start, ``once`` for at most ``downloads.once_give_up_s``.
+    None when stopped before it succeeded. Raises WrongArchiveError (exit 6) at once."""
+    loops.register("reconcile")
+    started = clock.monotonic()
+    ledger: Ledger | None = None
+
+    def agree(db: LedgerDb) -> ReconcileReport:
+        try:
+            check_identity(db, archive)
+            return reconcile(db, archive, now=clock.wall(), skip=cfg.state.path.parent, sidecars=cfg.archive.sidecar)
+        except OSError as exc:
+            raise storage_error(exc, "reconciling the archive") or StorageError(
+                f"reconciling the archive: {exc}") from exc
+    try:
+        while True:
+            try:
+                if ledger is None:
+                    ledger = await Ledger(cfg.state.path).__aenter__()
+                report = await ledger.call(agree)
+                loops.ok("reconcile")
+                opened, ledger = ledger, None
+                return opened, report
+            except StorageError as exc:
+                failures = loops.failed("reconcile", exc)
+                if once and clock.monotonic() - started > cfg.downloads.once_give_up_s:
+                    raise
+                delay = restart_delay(failures, 0.5, cap_s=cfg.downloads.pause_max_s)
+                log.error("reconcile.failed", error=str(exc), retry_in_s=round(delay, 1))
+                notify.send(f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1e6)}",
+                            f"STATUS=waiting for the archive or the ledger: {exc.message}")
+                if await sleep_or_stop(clock, delay, stop):
+                    return None
+    finally:
+        if ledger is not None:  # not handed over: stopped, or an error that ends the start
+            await ledger.close()
 
 
 def token_store_path(cfg: Config) -> Path:
@@ -230,11 +312,13 @@ class QueueSource:
     """The queue file: read as it stands (``once``) or followed in the background (``run``), and
     re-pointed live when SIGHUP brings a new ``sources.queue_file``."""
 
-    def __init__(self, ledger: Ledger, scheduler: Scheduler, clock: Clock, stop: asyncio.Event) -> None:
+    def __init__(self, ledger: Ledger, scheduler: Scheduler, clock: Clock, stop: asyncio.Event,
+                 loops: Loops) -> None:
         self.ledger = ledger
         self.scheduler = scheduler
         self.clock = clock
         self.stop = stop
+        self.loops = loops
         self._task: asyncio.Task[None] | None = None
 
     async def _enqueue(self, refs: list[Ref]) -> int:
@@ -247,13 +331,17 @@ class QueueSource:
     async def read_once(self, cfg: Config) -> None:
         if cfg.sources.queue_file is not None:
             await follow_queue(QueueTail(cfg.sources.queue_file), self._enqueue, self.clock,
-                               cfg.sources.queue_poll_interval_s, self.stop, once=True)
+                               cfg.sources.queue_poll_interval_s, self.stop, once=True, loops=self.loops)
 
     def follow(self, cfg: Config) -> None:
         if cfg.sources.queue_file is not None:
-            tail = QueueTail(cfg.sources.queue_file)
-            self._task = asyncio.create_task(_guarded(follow_queue(
-                tail, self._enqueue, self.clock, cfg.sources.queue_poll_interval_s, self.stop)), name="queue-tail")
+            path, interval = cfg.sources.queue_file, cfg.sources.queue_poll_interval_s
+
+            def tail() -> Awaitable[None]:
+                # A fresh tail on each (re)start: reading the file again is harmless, the ledger knows.
+                return follow_queue(QueueTail(path), self._enqueue, self.clock, interval, self.stop, loops=self.loops)
+            self._task = asyncio.create_task(supervise("queue", tail, self.loops, self.clock, self.stop),
+                                             name="queue-tail")
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -301,13 +389,14 @@ async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Sched
         current = with_keys(current, new, live)
 
 
-async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> FatalAuthError | None:
-    """Queue everything the PBX holds before ``once`` works it off; PBX trouble is retried a few times."""
+async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> ArchiverError | None:
+    """Queue everything the PBX holds before ``once`` works it off; PBX trouble is retried a few times.
+    Returns the error that must end ``once`` at once (refused credentials, an untrusted certificate)."""
     for attempt in range(1, DISCOVER_ONCE_TRIES + 1):
         try:
             await discovery.run_once()
             return None
-        except FatalAuthError as exc:
+        except (FatalAuthError, TlsError) as exc:
             return exc
         except ArchiverError as exc:
             log.warning("discover.once_failed", attempt=attempt, error=str(exc))
@@ -315,12 +404,3 @@ async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event
                 log.error("discover.gave_up", action="archiving what is queued so far")
                 return None
     return None
-
-
-async def _guarded(coro: Awaitable[None]) -> None:
-    """A source must never take the daemon down: log and give up on it, the pipeline goes on."""
-    with contextlib.suppress(asyncio.CancelledError):
-        try:
-            await coro
-        except Exception:
-            log.exception("sources.failed")

@@ -1,41 +1,52 @@
 """The scheduler: claims due recordings, drives resolver and downloader, decides retry, pause and stop.
 
-Item trouble burns that item's attempts with exponential back-off and full jitter. PBX-wide or disk
-trouble pauses every worker with a growing back-off and burns nothing. A refused login stops all PBX
-calls: ``once`` ends (exit 3), ``run`` stays up and tries again only on a long interval.
+Item trouble burns that item's attempts with exponential back-off and full jitter, and moves it behind
+the others. PBX-wide or disk trouble pauses every worker with a growing back-off and burns nothing;
+"PBX-wide" for answers like HTTP 500 means several *different* recordings failing in a row, so a few
+recordings that always fail can never starve the healthy ones. A refused login stops all PBX calls:
+``once`` ends (exit 3), ``run`` stays up and tries again only on a long interval; an untrusted
+certificate ends ``once`` at once (exit 4) and keeps ``run`` up, not ready.
+
+A ledger write that fails (a full disk, a lock held too long) is kept in memory and applied before any
+new work is claimed, so that no row is left in progress for the life of the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from daemon.client import PbxClient
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
-from daemon.downloader import Downloader
+from daemon.downloader import CommitNotRecorded, Downloader
 from daemon.errors import (
     ArchiverError,
+    DeferredError,
     FatalAuthError,
+    LedgerError,
     PauseError,
     PbxBusyError,
     PermanentError,
     RetryableError,
     StorageError,
+    TlsError,
     UrlExpiredError,
 )
-from daemon.ledger import Ledger, Row
+from daemon.ledger import Ledger, LedgerDb, Row
 
 log = structlog.get_logger("daemon.scheduler")
 
 LEASE_S = 3600.0
 IDLE_POLL_S = 1.0            # how soon an idle worker notices rows another process enqueued
-BUSY_BURST = 3               # consecutive PBX-busy answers that mean "the PBX", not "this item"
+BUSY_BURST = 3               # different recordings failing in a row with PBX-busy answers: "the PBX", not them
 PAUSE_BASE_S = 1.0
 URL_EXPIRED_DELAY_S = 1.0
 MAX_AUTH_RETRIES = 3         # automatic logins after a refusal; never near the PBX's 5-failure IP block
@@ -63,6 +74,7 @@ class RunStats:
     failed: int = 0
     missing: int = 0
     retried: int = 0
+    merged: int = 0
     bytes: int = 0
     pauses: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -87,14 +99,17 @@ class Scheduler:
         self.last_turn_at = clock.monotonic()
         self.last_success_wall = 0.0
         self.fatal: FatalAuthError | None = None
+        self.untrusted: TlsError | None = None   # once: the certificate was rejected (exit 4)
+        self.hurry = asyncio.Event()             # a second SIGINT: end the grace wait at once
         self.paused_until = 0.0
         self.pause_reason: str | None = None
         self.paused_since: float | None = None
         self.gave_up = False
         self._pause_streak = 0
         self._probed_streak = 0
-        self._busy_streak = 0
+        self._busy_keys: list[str] = []   # different recordings in the current run of PBX-busy failures
         self._auth_failures = 0
+        self._unsaved: dict[str, Callable[[LedgerDb], Any]] = {}
         self._finished = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -124,7 +139,17 @@ class Scheduler:
             if running:
                 log.info("shutdown.draining", grace_s=self.cfg.service.shutdown_grace_s,
                          in_flight=self.downloader.in_flight)
-                _, pending = await asyncio.wait(running, timeout=self.cfg.service.shutdown_grace_s)
+                # Until every worker is done, the grace time is over, or a second signal says hurry.
+                drained = asyncio.ensure_future(asyncio.wait(running))
+                hurry = asyncio.ensure_future(self.hurry.wait())
+                try:
+                    await asyncio.wait([drained, hurry], timeout=self.cfg.service.shutdown_grace_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    drained.cancel()
+                    hurry.cancel()
+                    await asyncio.gather(drained, hurry, return_exceptions=True)
+                pending = {w for w in running if not w.done()}
                 for task in pending:
                     task.cancel("shutdown grace time is over")
                 if pending:
@@ -162,9 +187,11 @@ class Scheduler:
                 return
             try:
                 await self._step()
+            except LedgerError as exc:
+                self._pause(exc, "LedgerError")
             except Exception as exc:
-                # The ledger or the archive failed outside any one recording (SQLite disk full, say):
-                # pause everything rather than lose a worker.
+                # The archive failed outside any one recording, or a bug: pause everything rather than
+                # lose a worker.
                 log.exception("worker.error", worker=n)
                 self._pause(StorageError(f"{type(exc).__name__}: {exc}"), "StorageError")
 
@@ -184,6 +211,8 @@ class Scheduler:
             await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
             self._after_pause()
             return
+        if self._unsaved:
+            await self._save_unsaved()
         row = await self.ledger.claim_one(now=self.clock.wall(), lease_s=LEASE_S)
         if row is None:
             active, next_at = await self.ledger.call(lambda db: db.next_due())
@@ -196,7 +225,26 @@ class Scheduler:
             return
         await self._process(row)
 
+    async def _save_unsaved(self) -> None:
+        """Apply the ledger writes that failed, oldest first; raises LedgerError while it still fails."""
+        for key, fn in list(self._unsaved.items()):
+            await self.ledger.call(fn)
+            del self._unsaved[key]
+            log.info("ledger.write_recovered", recording=key)
+
+    async def _ledger_write(self, row: Row, fn: Callable[[LedgerDb], Any]) -> Any:
+        """A ledger write for a claimed row; if the ledger fails, the write is kept for later and the
+        pipeline pauses (the row must not stay in progress until a restart)."""
+        try:
+            return await asyncio.shield(self.ledger.call(fn))
+        except LedgerError as exc:
+            self._unsaved[row.key] = fn
+            self._pause(exc, "LedgerError")
+            log.warning("ledger.write_deferred", recording=row.ref, error=str(exc))
+            return None
+
     def _after_pause(self) -> None:
+        self._busy_keys.clear()  # after a pause, it takes new evidence to call the PBX busy again
         if self.paused or self.pause_reason is None:
             return
         if self.fatal is not None and not self.once:
@@ -220,14 +268,22 @@ class Scheduler:
         except FatalAuthError as exc:
             await self._release(row)
             self._on_fatal(exc)
+        except CommitNotRecorded as exc:
+            # The file is safely on disk; only its ledger row lags. Record it when the ledger works.
+            completion = exc.completion
+            self._unsaved[row.key] = lambda db: db.complete_many([completion])
+            self._pause(exc, "LedgerError")
+        except TlsError as exc:
+            await self._release(row)
+            self._on_untrusted(exc)
         except PauseError as exc:
             await self._release(row)
             self._pause(exc, type(exc).__name__)
-        except UrlExpiredError as exc:
-            await self._reschedule(row, exc, URL_EXPIRED_DELAY_S, burn=False)
+        except (UrlExpiredError, DeferredError) as exc:
+            await self._reschedule(row, exc, exc.retry_after_s or URL_EXPIRED_DELAY_S, burn=False)
         except PermanentError as exc:
             now, state, error = self.clock.wall(), exc.state, str(exc)
-            await self.ledger.call(lambda db: db.finish(row.key, state=state, error=error, now=now))
+            await self._ledger_write(row, lambda db: db.finish(row.key, state=state, error=error, now=now))
             if exc.state == "missing":
                 self.stats.missing += 1
                 bound.warning("download.missing", reason=str(exc))
@@ -236,13 +292,13 @@ class Scheduler:
                 self._failed(row, str(exc))
                 bound.error("download.failed", reason=str(exc), permanent=True)
         except PbxBusyError as exc:
-            self._busy_streak += 1
-            if self._busy_streak >= BUSY_BURST:
-                # Several items in a row hit PBX trouble: the PBX is the problem, not the items.
-                await self._release(row)
+            # This recording pays for it and goes behind the others; only several different
+            # recordings failing in a row say the PBX itself is in trouble.
+            await self._reschedule(row, exc, exc.retry_after_s, burn=True)
+            if row.key not in self._busy_keys:
+                self._busy_keys.append(row.key)
+            if len(self._busy_keys) >= BUSY_BURST:
                 self._pause(exc, "PbxBusyError")
-            else:
-                await self._reschedule(row, exc, exc.retry_after_s, burn=True)
         except RetryableError as exc:
             await self._reschedule(row, exc, exc.retry_after_s, burn=True)
         except ArchiverError as exc:
@@ -251,13 +307,16 @@ class Scheduler:
             bound.exception("download.unexpected_error")
             await self._reschedule(row, exc, None, burn=True)
         else:
-            self._busy_streak = 0
+            self._busy_keys.clear()
             self._auth_failures = 0
             if self._pause_streak:
                 log.info("pipeline.resumed", after=self.pause_reason)
                 self._pause_streak = 0
                 self.pause_reason = None
                 self.paused_since = None
+            if result.merged:
+                self.stats.merged += 1
+                return
             self.stats.archived += 1
             self.last_success_wall = self.clock.wall()
             if self.on_archived is not None:
@@ -270,7 +329,7 @@ class Scheduler:
 
     async def _release(self, row: Row) -> None:
         now = self.clock.wall()
-        await asyncio.shield(self.ledger.call(lambda db: db.release(row.key, now=now)))
+        await self._ledger_write(row, lambda db: db.release(row.key, now=now))
 
     async def _reschedule(self, row: Row, exc: BaseException, retry_after_s: float | None, *, burn: bool) -> None:
         attempt = row.attempts + (1 if burn else 0)
@@ -281,17 +340,19 @@ class Scheduler:
         error = f"{type(exc).__name__}: {exc}"
         name = type(exc).__name__
         self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
-        state = await self.ledger.call(lambda db: db.reschedule(
-            row.key, error=error, next_at=now + delay, burn=burn, max_attempts=self.cfg.downloads.max_attempts,
-            now=now))
+        state = await self._ledger_write(row, functools.partial(
+            _reschedule_row, key=row.key, error=error, next_at=now + delay, burn=burn,
+            max_attempts=self.cfg.downloads.max_attempts, now=now))
         if state == "failed":
             self.stats.failed += 1
             self._failed(row, error)
             log.error("download.failed", recording=row.ref, attempts=attempt, reason=error)
-        else:
+        elif burn:
             self.stats.retried += 1
-            log.info("download.retry", recording=row.ref, attempt=attempt, burnt=burn, retry_in_s=round(delay, 2),
+            log.info("download.retry", recording=row.ref, attempt=attempt, retry_in_s=round(delay, 2),
                      reason=error)
+        else:
+            log.info("download.later", recording=row.ref, retry_in_s=round(delay, 2), reason=error)
 
     def _failed(self, row: Row, reason: str) -> None:
         self._failure_seq += 1
@@ -310,6 +371,17 @@ class Scheduler:
         self.paused_until = now + delay
         self.pause_reason = reason
         log.warning("pipeline.paused", reason=reason, retry_in_s=round(delay, 2), error=str(exc))
+
+    def _on_untrusted(self, exc: TlsError) -> None:
+        """The PBX's certificate is not trusted: only an operator can fix that (pbx.tls.ca_file).
+        ``once`` ends now (exit 4); ``run`` pauses, not ready, and looks again on the pause back-off."""
+        if self.once:
+            if self.untrusted is None:
+                self.untrusted = exc
+                log.error("tls.untrusted_stop", reason=str(exc))
+            self._finished.set()
+            return
+        self._pause(exc, "TlsError")
 
     def _on_fatal(self, exc: FatalAuthError) -> None:
         if self.fatal is not None:
@@ -330,3 +402,8 @@ class Scheduler:
         self.paused_until = self.clock.monotonic() + interval
         self.pause_reason = "FatalAuthError"
         log.error("auth.refused", reason=str(exc), retry_in_s=interval)
+
+
+def _reschedule_row(db: LedgerDb, *, key: str, error: str, next_at: float, burn: bool, max_attempts: int,
+                    now: float) -> str:
+    return db.reschedule(key, error=error, next_at=next_at, burn=burn, max_attempts=max_attempts, now=now)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from daemon.clock import Clock, sleep_or_stop
 from daemon.logs import redact_text
+from daemon.supervise import Loops
 
 if TYPE_CHECKING:
     from daemon.runner import Pipeline
@@ -71,10 +72,14 @@ class Health:
 
     clock: Clock
     pipeline: Pipeline | None = None
+    loops: Loops = field(init=False)
     counts: dict[str, int] = field(default_factory=dict)
     counts_ok: bool = False
     stopping: bool = False
     listen_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.loops = Loops(self.clock)
 
     def alive(self, window_s: float) -> bool:
         """The scheduler turned, moved bytes, or is paused or idle by choice, within ``window_s``."""
@@ -91,7 +96,10 @@ class Health:
             reason = "shutting down" if self.stopping else "starting"
             return False, {"pipeline": {"ok": False, "reason": reason}}
         checks: dict[str, dict[str, Any]] = {}
-        checks["ledger"] = {"ok": self.counts_ok}
+        ledger_paused = p.scheduler.paused and p.scheduler.pause_reason == "LedgerError"
+        checks["ledger"] = {"ok": self.counts_ok and not ledger_paused,
+                            **({"reason": "the ledger cannot be written (disk full, or locked too long)"}
+                               if ledger_paused or not self.counts_ok else {})}
         writable = os.access(p.downloader.archive.root, os.W_OK)
         disk_paused = p.scheduler.paused and p.scheduler.pause_reason == "StorageError"
         checks["archive"] = {"ok": writable and not disk_paused,
@@ -104,9 +112,16 @@ class Health:
         pbx: dict[str, Any] = {"ok": pbx_ok, "authenticated": client.tokens.authenticated}
         if fatal is not None:
             pbx["reason"] = redact_text(str(fatal))
+        elif p.scheduler.paused and p.scheduler.pause_reason == "TlsError":
+            pbx["reason"] = "certificate: the PBX's TLS certificate is not trusted (set pbx.tls.ca_file)"
         elif not pbx_ok:
             pbx["reason"] = redact_text(client.health.error or f"paused: {p.scheduler.pause_reason}")
         checks["pbx"] = pbx
+        failing = self.loops.failing()
+        local = self.loops.failing(local_only=True)
+        checks["loops"] = {"ok": not local,
+                           **({"failing": {name: {"error": st.error, "failures": st.failures}
+                                           for name, st in failing.items()}} if failing else {})}
         return all(c["ok"] for c in checks.values()), checks
 
 
@@ -152,6 +167,15 @@ class PipelineCollector(Collector):
         yield paused
         ready, _ = self.health.readiness()
         yield GaugeMetricFamily("yeastar_archiver_ready", "1 when /readyz says ready", value=1 if ready else 0)
+        loop_up = GaugeMetricFamily("yeastar_archiver_loop_up", "1 while a long-lived loop's last turn worked",
+                                    labels=["loop"])
+        loop_failures = CounterMetricFamily("yeastar_archiver_loop_failures",
+                                            "Failed turns of a long-lived loop", labels=["loop"])
+        for name, st in sorted(self.health.loops.states.items()):
+            loop_up.add_metric([name], 1 if st.ok else 0)
+            loop_failures.add_metric([name], st.failures_total)
+        yield loop_up
+        yield loop_failures
 
 
 class Metrics:

@@ -65,6 +65,7 @@ class SimOptions:
     new_every_s: float = 0.0           # a new recording (and a 30012 event) this often; 0 = never
     grow_on_list: int = 0              # recordings added after each recording/list answer (insertions mid-paging)
     ws_idle_s: float = 60.0            # close a WebSocket that sent no heartbeat for this long
+    fail_ids: tuple[int, ...] = ()     # recordings whose recording/download always answers HTTP 500
 
 
 @dataclass(frozen=True)
@@ -526,6 +527,9 @@ class Simulator:
                 return _error(40002)
             if rec is None:
                 return _error(60001)
+            if rec.id in self.opts.fail_ids:
+                self.counters.faults["fail_id"] += 1
+                return web.Response(status=500, text="Internal Server Error")
             ext = "mp3" if self.opts.format == "mp3" else "wav"
             name = f"Recording-X.7.0.6-1-download-{secrets.token_urlsafe(12)}.{ext}"
             self.urls[name] = _Url(rec, self.clock.monotonic() + self.opts.url_lifetime_s)

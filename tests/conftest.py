@@ -89,6 +89,9 @@ def write_config(tmp_path: Path, base_url: str, *, secret: str = SimOptions.clie
     }
     for section, values in (extra or {}).items():
         data.setdefault(section, {}).update(values)
+    # archive.dir must exist: run and once never create it (an unmounted disk must not become an archive).
+    archive_dir = Path(data["archive"]["dir"])
+    (archive_dir if archive_dir.is_absolute() else tmp_path / archive_dir).mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

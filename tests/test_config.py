@@ -138,18 +138,39 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert cfg.warnings == ()
 
 
-def test_secret_file_readable_by_others_warns_and_missing_file_fails(tmp_path: Path) -> None:
+def test_secret_file_readable_by_others_is_exit_2_by_its_group_a_warning_and_missing_fails(tmp_path: Path) -> None:
+    """Row 22: a world-readable secret file is refused; group-readable (a service group) is warned about."""
     secret = tmp_path / "secret"
     secret.write_text("abc123456")
     secret.chmod(0o644)
     data = _with("pbx.client_secret", _DELETE)
     data["pbx"]["client_secret_file"] = str(secret)
+    problems = _problems(data, tmp_path)
+    assert len(problems) == 1 and "pbx.client_secret_file" in problems[0] and "0644" in problems[0]
+    assert "abc123456" not in problems[0]
+    secret.chmod(0o640)
     cfg = parse_config(data, base_dir=tmp_path)
     assert len(cfg.warnings) == 1
-    assert "pbx.client_secret_file" in cfg.warnings[0] and "0644" in cfg.warnings[0]
+    assert "pbx.client_secret_file" in cfg.warnings[0] and "0640" in cfg.warnings[0]
     secret.unlink()
     problems = _problems(data, tmp_path)
     assert problems[0].startswith("pbx.client_secret_file: cannot read the secret file")
+
+
+@pytest.mark.parametrize(("path", "value", "key"), [
+    ("pbx.client_secret", 987654321777, "pbx.client_secret"),                # a number, not a string
+    ("pbx.base_url", "https://admin:hunter2-pass@192.0.2.10:8088", "pbx.base_url"),
+    ("notify.url", "hooks.example.org/services/T00/B00/XYZsecretXYZ", "notify.url"),
+])
+def test_a_secret_is_never_echoed_in_a_config_problem(path: str, value: Any, key: str) -> None:
+    """Low: a secret-named key's value never appears in the message; a base_url with user:pass@ is refused."""
+    problems = _problems(_with(path, value))
+    assert len(problems) == 1 and problems[0].startswith(key)
+    assert str(value) not in problems[0] and "hunter2" not in problems[0] and "XYZsecretXYZ" not in problems[0]
+
+
+def test_a_plain_bad_base_url_is_still_shown() -> None:
+    assert "ftp://192.0.2.10" in _problems(_with("pbx.base_url", "ftp://192.0.2.10"))[0]
 
 
 def test_tls_verify_false_is_allowed_with_a_warning() -> None:

@@ -8,13 +8,15 @@ from pathlib import PurePosixPath
 import pytest
 
 from daemon.archive import Naming, alternate_name, final_relpath, is_safe_name, looks_like_audio
-from daemon.client import DownloadUrl
+from daemon.client import DownloadUrl, redirect_refused
 from daemon.downloader import too_slow, verification_problem
 from daemon.ledger import Ref
+from daemon.reconcile import identity_decision
 from daemon.resolver import RequestGate, url_needs_refresh
 from daemon.scheduler import backoff_delay, pause_delay
 from daemon.simulator import HOSTILE_NAMES
-from daemon.sources import parse_lines, parse_ref
+from daemon.sources import parse_lines, parse_ref, strip_comment
+from daemon.supervise import restart_delay
 
 NOW = dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
 GOOD = "20220412173331-1649756009.12-2002-2005-Internal.wav"
@@ -172,15 +174,71 @@ def test_request_gate_mp3_is_sticky_in_auto() -> None:
     ("notes.txt", None),
     (".wav", None),
     ("", None),
+    ("../../x.wav", None),             # path-like names never reach the PBX or the archive
+    ("a/b.wav", None),
+    ("a\\b.wav", None),
+    (".hidden.wav", None),
+    ("tab\tname.wav", None),
+    ("c#d.wav", Ref(file="c#d.wav")),
 ])
 def test_parse_ref(text: str, ref: Ref | None) -> None:
     assert parse_ref(text) == ref
 
 
+@pytest.mark.parametrize(("line", "kept"), [
+    ("1007 # from the CRM", "1007"),
+    ("1007\t#tab", "1007"),
+    ("# whole line", ""),
+    ("  # indented", ""),
+    ("c#d.wav", "c#d.wav"),            # a '#' inside a name is not a comment
+    ("x.wav #", "x.wav"),
+    ("", ""),
+])
+def test_strip_comment(line: str, kept: str) -> None:
+    assert strip_comment(line) == kept
+
+
+@pytest.mark.parametrize(("recorded", "on_disk", "has_done", "present", "action"), [
+    (None, None, False, 0, "create"),        # a new archive
+    (None, None, True, 3, "create"),         # a ledger from before markers, its files here
+    (None, None, True, 0, "refuse"),         # done rows, none on disk: an unmounted disk
+    (None, "m1", False, 0, "record"),        # a new (or deleted) ledger beside a marked archive
+    (None, "m1", True, 2, "record"),
+    (None, "m1", True, 0, "refuse"),
+    ("m1", "m1", True, 0, "ok"),             # emptied but marked: vanished files are re-queued
+    ("m1", "m2", True, 5, "refuse"),         # another archive
+    ("m1", "m2", False, 0, "refuse"),
+    ("m1", None, True, 5, "refuse"),         # the marker is gone: emptied, or not mounted
+    ("m1", None, False, 0, "refuse"),
+])
+def test_identity_decision(recorded: str | None, on_disk: str | None, has_done: bool, present: int,
+                           action: str) -> None:
+    got, why = identity_decision(recorded, on_disk, has_done=has_done, done_present=present)
+    assert got == action and why
+
+
+@pytest.mark.parametrize(("failures", "rand", "delay"), [(1, 0.0, 0.5), (1, 1.0, 1.0), (3, 1.0, 4.0),
+                                                        (10, 1.0, 60.0), (10, 0.0, 30.0)])
+def test_restart_delay(failures: int, rand: float, delay: float) -> None:
+    assert restart_delay(failures, rand) == delay
+
+
+@pytest.mark.parametrize(("location", "shown"), [
+    ("http://127.0.0.2:8080/openapi/v1.0/get_token?access_token=abc", "http://127.0.0.2:8080"),
+    ("https://evil.example/x", "https://evil.example"),
+    ("/elsewhere?token=abc", "a path on the same host"),
+    (None, "a path on the same host"),
+])
+def test_a_refused_redirect_names_the_pbx_and_the_target_origin_only(location: str | None, shown: str) -> None:
+    text = redirect_refused("get_token", 307, location, "https://192.168.5.150:8088")
+    assert "https://192.168.5.150:8088" in text and shown in text and "abc" not in text
+    assert "pbx.base_url" in text
+
+
 def test_parse_lines_skips_comments_and_reports_bad_lines_by_number() -> None:
     parsed = parse_lines(["# header", "", "1727", "  bogus  ", "x.wav", "12 13"], first_lineno=1)
     assert parsed.refs == [Ref(rec_id=1727), Ref(file="x.wav")]
-    assert parsed.bad == [(4, "bogus"), (6, "12 13")]
+    assert [(n, text) for n, text, _ in parsed.bad] == [(4, "bogus"), (6, "12 13")]
 
 
 def test_final_relpath_uses_the_utc_date_when_the_name_has_none() -> None:

@@ -85,8 +85,8 @@ async def test_hostile_names_stay_inside_the_archive(start_sim: SimFactory, tmp_
     assert sorted(p.name for p in outside) == ["client_secret", "config.yaml"]
 
 
-async def test_an_identical_existing_file_is_adopted_without_a_download(start_sim: SimFactory,
-                                                                        tmp_path: Path) -> None:
+async def test_an_identical_existing_file_without_proof_is_downloaded_then_adopted_never_duplicated(
+        start_sim: SimFactory, tmp_path: Path) -> None:
     sim = await start_sim(count=3)
     expected = _expected(sim)
     rel, content = next(iter(expected.items()))
@@ -94,9 +94,9 @@ async def test_an_identical_existing_file_is_adopted_without_a_download(start_si
     (tmp_path / "archive" / rel).write_bytes(content)
     cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)}})
     result = await _once(cfg)
-    assert result.stats.adopted == 1 and result.stats.downloaded == 2
-    assert sum(sim.counters.transfers_completed.values()) == 2
-    assert archive_files(tmp_path / "archive") == expected
+    assert result.counts["done"] == 3
+    assert sum(sim.counters.transfers_completed.values()) == 3   # bare ids: the bytes are the only proof
+    assert archive_files(tmp_path / "archive") == expected       # and they matched: no second copy
 
 
 async def test_a_different_file_under_the_final_name_is_never_overwritten(start_sim: SimFactory,
@@ -231,7 +231,14 @@ async def test_queue_lines_appended_while_running_get_archived(start_sim: SimFac
             await asyncio.sleep(0.05)
     await asyncio.wait_for(wait_done(1), 20)
     with queue.open("a") as f:
-        f.write("1001\nnot-a-ref\n1002")  # the last line has no newline yet
+        f.write("1001\nnot-a-ref\n10")  # a writer between two writes: "10" is half of "1002"
+        f.flush()
+        await asyncio.wait_for(wait_done(2), 20)
+        await asyncio.sleep(0.2)         # several polls see the half-written line
+        db = LedgerDb(cfg.state.path)
+        assert db.get("id:10") is None   # only newline-terminated lines count in run
+        db.close()
+        f.write("02\n")
     await asyncio.wait_for(wait_done(3), 20)
     queue.rename(tmp_path / "queue.txt.1")                  # rotation
     queue.write_text("1003\n")

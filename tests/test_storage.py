@@ -87,9 +87,8 @@ def test_a_symlink_at_the_temp_path_is_refused(tmp_path: Path) -> None:
     try:
         with pytest.raises(OSError):
             ArchiveDir.open_part(fd, ".x.wav.part", keep=10)
-        new = ArchiveDir.open_part(fd, ".x.wav.part", keep=0)  # a fresh start replaces the link itself
-        os.write(new, b"data")
-        os.close(new)
+        with pytest.raises(FileExistsError):   # a fresh start never unlinks what stands at its name
+            ArchiveDir.open_part(fd, ".x.wav.part", keep=0)
     finally:
         os.close(fd)
     assert victim.read_bytes() == b"precious"
@@ -119,10 +118,10 @@ def test_queue_tail_follows_appends_rotation_truncation_and_absence(tmp_path: Pa
         assert tail.poll() == []
         path.write_text("1\n# comment\n\nbad line\n2")
         assert tail.poll() == [Ref(rec_id=1)]            # "2" has no newline yet
-        assert tail.poll() == [Ref(rec_id=2)]            # unchanged for a poll: taken
+        assert tail.poll() == []                         # and in run it never counts without one
         with path.open("a") as f:
             f.write("\n3\nx.wav\n")
-        assert tail.poll() == [Ref(rec_id=3), Ref(file="x.wav")]
+        assert tail.poll() == [Ref(rec_id=2), Ref(rec_id=3), Ref(file="x.wav")]
         assert tail.poll() == []
         path.rename(tmp_path / "queue.txt.1")
         path.write_text("4\n")
@@ -160,3 +159,95 @@ def test_a_large_queue_file_is_read_in_bounded_bites(tmp_path: Path, monkeypatch
             break
     assert refs == [Ref(rec_id=i) for i in range(1, 102)]
     assert polls >= 5  # 295 bytes in 64-byte bites
+
+
+def test_each_attempt_has_its_own_temp_file_and_only_the_file_written_is_linked(tmp_path: Path) -> None:
+    """Row 25: two attempts at one final name never share a temp file; a temp name that no longer is the
+    file written through the descriptor is never linked to the final name."""
+    from daemon.archive import is_part_name, part_name
+    root = tmp_path / "archive"
+    root.mkdir()
+    a, b = part_name("x.wav"), part_name("x.wav")
+    assert a != b and is_part_name(a) and is_part_name(b) and a.startswith(".x.wav.")
+    assert len(part_name("y" * 251 + ".wav")) <= 255
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        mine = ArchiveDir.open_part(fd, a, keep=0)
+        os.write(mine, b"RIFF mine")
+        written = os.fstat(mine)
+        # Someone swaps another file in under the temp name (another attempt, an older version).
+        os.unlink(a, dir_fd=fd)
+        (root / a).write_bytes(b"RIFF growing, not mine")
+        with pytest.raises(OSError, match="no longer the file that was written"):
+            ArchiveDir.commit(fd, a, "x.wav", written)
+        os.close(mine)
+        assert not (root / "x.wav").exists()
+    finally:
+        os.close(fd)
+
+
+def test_a_half_written_queue_line_is_one_recording_not_two(tmp_path: Path) -> None:
+    """Row 30: a writer flushing "17" then "27\\n" enqueues 1727 — never 17 and 27."""
+    path = tmp_path / "queue.txt"
+    path.write_text("")
+    tail = QueueTail(path)
+    with path.open("a") as f:
+        f.write("17")
+        f.flush()
+        assert tail.poll() == []
+        assert tail.poll() == []
+        f.write("27\n")
+        f.flush()
+        assert tail.poll() == [Ref(rec_id=1727)]
+
+
+def test_a_megabyte_line_is_skipped_without_being_held_in_memory(tmp_path: Path) -> None:
+    """Row 30: a 50 MB line is reported by line number and skipped; the tail never buffers more than a line cap."""
+    import tracemalloc
+
+    import daemon.sources as sources
+    path = tmp_path / "queue.txt"
+    with path.open("w") as f:
+        f.write("1\n")
+        for _ in range(50):
+            f.write("9" * (1024 * 1024))
+        f.write("\n2\n")
+    tail = QueueTail(path)
+    refs: list[Ref] = []
+    tracemalloc.start()
+    with structlog.testing.capture_logs() as logs:
+        while True:
+            refs += tail.poll()
+            assert len(tail._partial) <= sources.MAX_LINE_BYTES
+            if not tail.behind:
+                break
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert refs == [Ref(rec_id=1), Ref(rec_id=2)]
+    assert peak < 8 * 1024 * 1024          # one read of READ_BYTES and its split, never the line
+    bad = [e for e in logs if e["event"] == "queue.malformed_line"]
+    assert [(e["line"], e["reason"]) for e in bad] == [(2, f"longer than {sources.MAX_LINE_BYTES} bytes")]
+
+
+def test_queue_lines_may_carry_trailing_comments_and_path_like_names_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "queue.txt"
+    path.write_text("1007 # from the CRM\nx.wav\t# tab too\n../../etc/x.wav\na/b.wav\n.hidden.wav\nc#d.wav\n")
+    with structlog.testing.capture_logs() as logs:
+        refs = QueueTail(path).poll()
+    assert refs == [Ref(rec_id=1007), Ref(file="x.wav"), Ref(file="c#d.wav")]
+    bad = {e["line"]: e["reason"] for e in logs if e["event"] == "queue.malformed_line"}
+    assert set(bad) == {3, 4, 5} and all("path" in why for why in bad.values())
+
+
+def test_lines_appended_to_the_old_file_before_a_rotation_are_not_lost(tmp_path: Path) -> None:
+    """Row 23/30: the file is kept open; at a rotation the old file is read to its end before the new one."""
+    path = tmp_path / "queue.txt"
+    path.write_text("1\n")
+    tail = QueueTail(path)
+    assert tail.poll() == [Ref(rec_id=1)]
+    with path.open("a") as f:
+        f.write("2\n")                      # written just before the rotation, never polled before it
+    path.rename(tmp_path / "queue.txt.1")
+    path.write_text("3\n")
+    assert tail.poll() + tail.poll() == [Ref(rec_id=2), Ref(rec_id=3)]
+    tail.close()

@@ -55,9 +55,10 @@ class FaultRun:
         files = archive_files(root)
         # I1 + I3: each archived recording exactly once, byte-identical; nothing else under a final name.
         assert files == self.expected(done)
-        # I2: nothing written outside archive.dir (the ledger lives inside it here).
+        # I2: nothing written outside archive.dir, but for the ledger's own folder (state.path).
+        state = cfg.state.path.parent
         outside = [p for p in self.tmp.rglob("*") if p.is_file() and root not in p.parents
-                   and p.name not in ("client_secret", "config.yaml", "queue.txt")]
+                   and state not in p.parents and p.name not in ("client_secret", "config.yaml", "queue.txt")]
         assert outside == []
         # I4: the ledger agrees with the disk.
         db = LedgerDb(cfg.state.path)

@@ -22,7 +22,7 @@ from daemon.simulator import Simulator, recording_bytes
 
 FAULTS = ("ok", "close", "rst", "cl_long", "cl_short", "chunked_no_end", "silence", "trickle",
           "503_seconds", "503_date", "429_seconds", "html", "empty", "json_10004", "json_60001",
-          "range_ignored", "range_wrong", "416")
+          "range_ignored", "range_wrong", "416", "redirect_foreign", "trickle_json")
 
 
 class RawPbx:
@@ -35,6 +35,7 @@ class RawPbx:
         self.file_requests: Counter[int] = Counter()
         self.request_times: dict[int, list[float]] = defaultdict(list)
         self.ranges: list[str] = []
+        self.foreign_url = "http://127.0.0.2:9/elsewhere.wav"   # where "redirect_foreign" points
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.base_url = ""
@@ -132,6 +133,16 @@ class RawPbx:
             await self._send(writer, 200, audio, b"", length=len(data), finish=False)
             await asyncio.sleep(3600)
             return None
+        if fault == "redirect_foreign":   # another host's bytes would be archived as the recording
+            return await self._send(writer, 302, {"Location": self.foreign_url}, b"")
+        if fault == "trickle_json":       # starts like an errcode envelope, then 10 bytes/s for ever
+            await self._send(writer, 200, {"Content-Type": "application/json"}, b"", length=len(data), finish=False)
+            writer.write(b"{")
+            for _ in range(len(data)):
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(b" ")
+            return None
         if fault == "trickle":
             await self._send(writer, 200, audio, b"", length=len(data), finish=False)
             for i in range(len(data)):
@@ -166,7 +177,7 @@ class RawPbx:
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, headers: dict[str, str], body: bytes, *,
                     length: int | None = None, finish: bool = True) -> None:
-        reason = {200: "OK", 206: "Partial Content", 404: "Not Found", 416: "Range Not Satisfiable",
+        reason = {200: "OK", 206: "Partial Content", 302: "Found", 404: "Not Found", 416: "Range Not Satisfiable",
                   429: "Too Many Requests", 503: "Service Unavailable"}[status]
         head = {**headers, "Content-Length": str(len(body) if length is None else length), "Connection": "close"}
         writer.write(f"HTTP/1.1 {status} {reason}\r\n".encode()

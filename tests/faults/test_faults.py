@@ -139,8 +139,10 @@ async def test_tokens_refused_by_every_file_url_cost_at_most_one_refresh_each(fa
     fault_run.assert_invariants(cfg, done={1000, 1001, 1002})
 
 
-async def test_a_read_only_archive_pauses_and_resumes(fault_run: FaultRun, tmp_path: Path) -> None:
-    """Row 14: the archive's filesystem turns read-only (EROFS), then writable again."""
+@pytest.mark.parametrize("when", ["downloading", "starting"])
+async def test_a_read_only_archive_pauses_and_resumes(fault_run: FaultRun, tmp_path: Path, when: str) -> None:
+    """Row 14: the archive's filesystem turns read-only (EROFS), then writable again: while downloading
+    (the pipeline pauses), or already at start, before the archive has its marker (start-up waits)."""
     import os
     import shutil
     import subprocess
@@ -154,17 +156,21 @@ async def test_a_read_only_archive_pauses_and_resumes(fault_run: FaultRun, tmp_p
         cfg = fault_run.config(archive={"dir": str(disk / "archive")},
                                state={"path": str(tmp_path / "state" / "ledger.db")},
                                downloads={"pause_max_s": 0.3})
-        (disk / "archive").mkdir()
+        (disk / "archive").mkdir(exist_ok=True)
+        if when == "downloading":
+            from daemon.archive import ArchiveDir
+            ArchiveDir(disk / "archive").write_marker()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         import asyncio
+        sign = '"event": "pipeline.paused"' if when == "downloading" else '"event": "reconcile.failed"'
 
         async def writable_later() -> None:
-            while "StorageError" not in fault_run.logs.getvalue():
+            while sign not in fault_run.logs.getvalue():
                 await asyncio.sleep(0.02)
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
         result, _ = await asyncio.gather(fault_run.once(cfg), writable_later())
         assert result.counts["done"] == 3 and result.counts["failed"] == 0
-        assert '"event": "pipeline.paused"' in fault_run.logs.getvalue()
+        assert sign in fault_run.logs.getvalue() and "Read-only file system" in fault_run.logs.getvalue()
         files = {p.name for p in (disk / "archive").rglob("*.wav")}
         assert files == {r.file for r in fault_run.sim.recordings}
         fault_run.assert_no_secrets()
@@ -201,5 +207,209 @@ async def test_an_expired_pbx_certificate_is_a_hard_failure(fault_run: FaultRun,
 
 def test_the_fault_server_knows_every_fault() -> None:
     from tests.faults.rawpbx import FAULTS
-    assert len(set(FAULTS)) == len(FAULTS) == 18
+    assert len(set(FAULTS)) == len(FAULTS) == 20
     assert time.monotonic() > 0
+
+
+# ---------------------------------------------------------------- rows 25-37
+class _Foreign:
+    """A server on 127.0.0.2 (another host) that records every request it gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.runner: object = None
+
+    async def start(self) -> str:
+        from aiohttp import web
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self.requests.append(f"{request.method} {request.path_qs} {await request.text()}")
+            return web.Response(body=b"RIFF\x00\x00\x00\x00WAVE" + bytes(200_000), content_type="audio/wav")
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.2", 0).start()
+        self.runner = runner
+        return f"http://127.0.0.2:{runner.addresses[-1][1]}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()  # type: ignore[attr-defined]
+
+
+async def test_a_file_url_redirect_to_another_host_is_never_followed(fault_run: FaultRun) -> None:
+    """Row 26: a file URL answering 302 to another host: nothing is fetched there (the token stays home),
+    nothing from there is archived; the recording burns its attempts like any broken transfer."""
+    foreign = _Foreign()
+    fault_run.raw.foreign_url = await foreign.start() + "/stolen.wav"
+    try:
+        fault_run.raw.script[FIRST] = ["redirect_foreign"] * 5
+        cfg = fault_run.config(downloads={"max_attempts": 2})
+        result = await fault_run.once(cfg)
+    finally:
+        await foreign.stop()
+    assert foreign.requests == []
+    assert result.counts["done"] == 2 and result.counts["failed"] == 1
+    assert "never followed" in fault_run.logs.getvalue()
+    fault_run.assert_invariants(cfg, done={1001, 1002})
+
+
+async def test_an_api_redirect_never_carries_the_secret_or_a_token_elsewhere(fault_run: FaultRun,
+                                                                             tmp_path: Path) -> None:
+    """Row 26: get_token answering 307 to another origin (which would get the client secret in the
+    re-sent body), and a WebSocket upgrade answering 307: refused, and a configuration error (exit 2)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from daemon.client import PbxClient
+    from daemon.errors import PbxConfigError
+    from tests.conftest import pbx_config, run_cli, serve_on_loopback
+    foreign = _Foreign()
+    elsewhere = await foreign.start()
+
+    async def pbx(request: web.Request) -> web.Response:
+        if request.path.endswith("/get_token") and request.query.get("go") != "ok":
+            raise web.HTTPTemporaryRedirect(f"{elsewhere}{request.path}")
+        if request.path.endswith("/get_token"):
+            return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "access_token": "a" * 20,
+                                      "refresh_token": "r" * 20, "access_token_expire_time": 1800})
+        raise web.HTTPTemporaryRedirect(f"{elsewhere}{request.path_qs}")
+    runner, base_url = await serve_on_loopback(pbx)
+    try:
+        cfg = fault_run.config()
+        text = cfg.read_text().replace(fault_run.raw.base_url, base_url)
+        cfg.write_text(text)
+        result = await asyncio.to_thread(run_cli, "check", "-c", str(cfg))
+        assert result.returncode == 2, result.stderr
+        assert "307" in result.stderr and base_url in result.stderr and "never followed" in result.stderr
+        result = await asyncio.to_thread(run_cli, "once", "-c", str(cfg))
+        assert result.returncode == 2, result.stderr
+        fault_run.outputs += [result.stdout, result.stderr]
+        # The WebSocket upgrade cannot be told not to follow: the session's guard stops it.
+        async with PbxClient(pbx_config(base_url + "/openapi/v1.0?go=ok".replace("/openapi/v1.0?go=ok", ""),
+                                        api_path="openapi/v1.0")) as client:
+            client.tokens._access = "a" * 20
+            client.tokens._access_expires_at = float("inf")
+            with pytest.raises(PbxConfigError, match="never followed"):
+                async for _ in client.events([30012]):
+                    pass
+    finally:
+        await runner.cleanup()
+        await foreign.stop()
+    assert foreign.requests == []
+    fault_run.assert_no_secrets()
+
+
+@pytest.mark.parametrize("length", ["declared", "chunked"])
+async def test_a_huge_api_answer_fails_cleanly_in_bounded_memory(tmp_path: Path, length: str) -> None:
+    """Row 31: a 200 MB get_token answer (before: read whole, 1.2 GB RSS for 400 MB) fails past 8 MiB."""
+    import tracemalloc
+
+    from aiohttp import web
+
+    from daemon.client import PbxClient
+    from daemon.errors import PbxBusyError
+    from tests.conftest import pbx_config, serve_on_loopback
+    size = 200 * 1024 * 1024
+
+    async def pbx(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if length == "declared":
+            resp.content_length = size
+        await resp.prepare(request)
+        block = b" " * (1024 * 1024)
+        try:
+            for _ in range(size // len(block)):
+                await resp.write(block)
+        except ConnectionError:
+            pass
+        return resp
+    runner, base_url = await serve_on_loopback(pbx)
+    tracemalloc.start()
+    try:
+        async with PbxClient(pbx_config(base_url)) as client:
+            with pytest.raises(PbxBusyError, match="larger than 8 MiB"):
+                await client.check()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await runner.cleanup()
+    assert peak < 40 * 1024 * 1024
+
+
+async def test_a_trickling_body_that_starts_like_an_envelope_is_cut_by_the_throughput_floor(
+        fault_run: FaultRun) -> None:
+    """Row 31: a body starting with `{` at 10 B/s. Before: the envelope peek read it with only a per-read
+    timeout, for hours (and in mp3 mode held the PBX's one request)."""
+    fault_run.raw.script[FIRST] = ["trickle_json"]
+    cfg = fault_run.config(downloads={"read_timeout_s": 5, "min_bytes_per_second": 1000,
+                                      "throughput_window_s": 0.5})
+    result = await fault_run.once(cfg)
+    assert result.counts["done"] == 3 and fault_run.raw.file_requests[FIRST] == 2
+    assert "slower than downloads.min_bytes_per_second" in fault_run.logs.getvalue()
+    fault_run.assert_invariants(cfg, done={1000, 1001, 1002})
+
+
+async def test_a_full_disk_under_the_ledger_pauses_every_loop_and_none_dies(fault_run: FaultRun,
+                                                                            tmp_path: Path) -> None:
+    """Row 27: the ledger's disk fills up during `run` with discovery and the queue file busy. Every loop
+    backs off and shows in readiness; once space returns, what was announced meanwhile is archived.
+    Before: one SQLite error ended discovery and the queue tail for good while /readyz said ready."""
+    import asyncio
+    import os
+    import shutil
+    import subprocess
+
+    from daemon.clock import SystemClock
+    from daemon.runner import run_pipeline
+    from daemon.service import Health
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "statedisk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    queue = tmp_path / "queue.txt"
+    queue.write_text("")
+    try:
+        cfg_path = fault_run.config(ids=[FIRST], state={"path": str(disk / "ledger.db")},
+                                    sources={"queue_file": str(queue), "queue_poll_interval_s": 0.1,
+                                             "discover": {"enabled": True, "interval_s": 1}},
+                                    downloads={"pause_max_s": 0.5})
+        cfg = load_config(cfg_path)
+        health = Health(SystemClock())
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_pipeline(cfg, stop, once=False, health=health))
+
+        async def until(predicate: object, within: float = 30) -> None:
+            deadline = time.monotonic() + within
+            while not predicate():  # type: ignore[operator]
+                assert time.monotonic() < deadline, health.readiness()
+                await asyncio.sleep(0.05)
+
+        def done() -> int:
+            return health.counts.get("done", 0)
+        await until(lambda: done() == 3)           # discovery's back-fill found the other two
+        filler = disk / "filler"
+        with filler.open("wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        new = await fault_run.sim.add_recording()   # discovery will see it; the queue names another one
+        queue.write_text(f"{new.id}\n{FIRST}\n")
+        await until(lambda: set(health.loops.failing(local_only=True)) >= {"queue", "discover.poll"})
+        ready, checks = health.readiness()
+        assert not ready and not checks["loops"]["ok"]
+        assert "full" in checks["loops"]["failing"]["queue"]["error"]
+        filler.unlink()
+        await until(lambda: done() == 4 and health.readiness()[0], within=60)
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        fault_run.assert_invariants(cfg_path, done={1000, 1001, 1002, new.id})
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
