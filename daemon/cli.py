@@ -34,8 +34,9 @@ from daemon.errors import (
     StorageError,
 )
 from daemon.ledger import STATES, LedgerDb, Ref
+from daemon.live import Pipeline
 from daemon.logs import configure_logging, redact_text
-from daemon.runner import Pipeline, ProgressHook, RunResult, run_pipeline
+from daemon.runner import ProgressHook, RunResult, run_pipeline
 from daemon.simulator import SimOptions, Simulator
 from daemon.sources import parse_ref
 

@@ -22,7 +22,7 @@ from daemon.errors import ArchiverError
 from daemon.logs import redact_text
 
 if TYPE_CHECKING:
-    from daemon.runner import Pipeline
+    from daemon.live import Pipeline
     from daemon.service import Health
 
 log = structlog.get_logger("daemon.notify")

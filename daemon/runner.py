@@ -19,6 +19,7 @@ from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError
 from daemon.ledger import Ledger, Ref, RunLock
+from daemon.live import Pipeline
 from daemon.logs import set_level
 from daemon.notify import Notifier
 from daemon.reconcile import ReconcileReport, reconcile
@@ -41,15 +42,6 @@ class RunResult:
     fatal: FatalAuthError | None
     elapsed_s: float
     gave_up: bool = False
-
-
-@dataclass
-class Pipeline:
-    """The live parts of a run, for progress reporting (and, later, health and metrics)."""
-
-    ledger: Ledger
-    scheduler: Scheduler
-    downloader: Downloader
 
 
 ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]

@@ -19,7 +19,7 @@ from daemon.clock import Clock, sleep_or_stop
 from daemon.logs import redact_text
 
 if TYPE_CHECKING:
-    from daemon.runner import Pipeline
+    from daemon.live import Pipeline
 
 log = structlog.get_logger("daemon.service")
 
