@@ -157,6 +157,7 @@ class Notifier:
                         break
                     except ArchiverError as exc:
                         if attempt == TRIES:
+                            self.health.notify_failures += 1
                             log.warning("notify.failed", notice=body["event"], error=str(exc))
                         else:
                             await self.clock.sleep(2.0 ** attempt)

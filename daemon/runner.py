@@ -99,8 +99,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once,
                               on_archived=metrics.download_seconds.observe)
         pipeline = Pipeline(ledger, scheduler, downloader)
+        await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline
-        await _refresh_counts(health, ledger)
         # Ready once the local prerequisites hold (config, ledger, archive): never wait for the PBX,
         # so that a PBX outage cannot turn into a start-up timeout and a restart loop.
         notify.send("READY=1", f"STATUS={_status_line(health)}")
@@ -184,7 +184,7 @@ def _status_line(health: Health) -> str:
 
 async def _refresh_counts(health: Health, ledger: Ledger) -> None:
     try:
-        health.counts = await ledger.call(lambda db: db.counts())
+        await health.refresh(ledger)
         health.counts_ok = True
     except Exception as exc:  # the ledger is unreadable: readiness says so
         health.counts_ok = False
