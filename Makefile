@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test container-test clean
+.PHONY: demo test promtool container-test clean
 
 # The stamp files re-install only when pyproject.toml changes.
 $(VENV)/.stamp-run: pyproject.toml
@@ -21,10 +21,15 @@ $(VENV)/.stamp-test: pyproject.toml
 demo: $(VENV)/.stamp-run
 	$(BIN)/yeastar-archiver demo
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test promtool
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict daemon
 	$(BIN)/pytest
+
+# promtool checks and unit-tests deploy/prometheus/alerts.yml (inside pytest); Debian's prometheus
+# package provides it, installed here when missing (as root) with its server neither started nor enabled.
+promtool:
+	@bash deploy/prometheus/install-promtool.sh
 
 # Builds the real image with podman and runs it against the simulator (needs root; minutes
 # on a fresh machine, so it is not part of `make test`; CI runs it after `make test`).
