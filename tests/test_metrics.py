@@ -4,6 +4,10 @@ a fixed set of pause reasons, and figures that survive a restart."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from daemon.notify import Notifier
 from daemon.runner import run_pipeline
 from daemon.service import PAUSE_REASONS, Health, pause_label
 from daemon.simulator import Simulator
-from tests.conftest import SimFactory, serve_on_loopback, write_config
+from tests.conftest import REPO, SimFactory, serve_on_loopback, write_config
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -236,3 +240,81 @@ async def test_a_webhook_given_up_on_is_counted(tmp_path: Path) -> None:
         await asyncio.wait_for(task, 20)
         await runner.cleanup()
 
+
+# ---------------------------------------------------------------- the dashboard against a live scrape
+PROMQL_FUNCTIONS = frozenset({
+    "abs", "absent", "avg_over_time", "ceil", "changes", "clamp_min", "count_over_time", "delta", "deriv",
+    "floor", "histogram_quantile", "idelta", "increase", "irate", "label_replace", "label_values",
+    "max_over_time", "min_over_time", "predict_linear", "rate", "resets", "round", "sort", "time", "timestamp",
+    "vector", "sum", "min", "max", "avg", "count", "topk", "bottomk", "quantile"})
+PROMQL_WORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                          "bool", "offset"})
+
+
+def series_in(expr: str) -> set[str]:
+    """The series names a PromQL expression (or a Grafana label_values() query) reads. Raises
+    AssertionError for an unknown function, so that a typo cannot pass as "no series"."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)               # string literals
+    text = re.sub(r"\{[^}]*\}", "", text)                                # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)                              # ranges
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\blabel_values\s*\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,[^)]*\)", r"label_values(\1)", text)
+    out = set()
+    for m in re.finditer(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", text):
+        name, call = m.group(1), m.group(2)
+        if call:
+            assert name in PROMQL_FUNCTIONS or name in PROMQL_WORDS, f"unknown function {name}() in {expr!r}"
+        elif name not in PROMQL_WORDS:
+            out.add(name)
+    return out
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
+    panels = [p for p in dashboard["panels"]]
+    panels += [inner for p in dashboard["panels"] for inner in p.get("panels", [])]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]
+            exprs.append(query["query"] if isinstance(query, dict) else query)
+    return exprs
+
+
+@pytest.mark.parametrize(("expr", "series"), [
+    ('sum by (instance, le) (rate(a_b_bucket{x="y", z=~"$v"}[5m]))', {"a_b_bucket"}),
+    ("time() - last_ts{instance=~\"$instance\"}", {"last_ts"}),
+    ("label_values(build_info, instance)", {"build_info"}),
+    ("x and on (instance) y > 3600", {"x", "y"}),
+    ("histogram_quantile(0.95, sum by (le) (rate(h_bucket[1h])))", {"h_bucket"}),
+])
+def test_series_are_read_out_of_promql(expr: str, series: set[str]) -> None:
+    assert series_in(expr) == series
+
+
+async def test_every_dashboard_expression_names_a_series_a_live_run_exports(
+        start_sim: SimFactory, tmp_path: Path, hook: str) -> None:
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "yeastar-archiver.json").read_text())
+    wanted = {name for expr in dashboard_queries(dashboard) for name in series_in(expr)}
+    assert len(wanted) > 20
+    sim = await start_sim(count=3, size_min=50_000, size_max=50_000)
+    # Every optional part on, so that every series it can export is there: discovery, events, webhook;
+    # and one id the PBX does not have, for an errcode (60001).
+    live = await start_live_run(sim, tmp_path, sources={"discover": {"enabled": True, "events": True},
+                                                        "ids": [1000, 1001, 1002, 424242]},
+                                notify={"url": hook})
+    try:
+        async def complete() -> bool:
+            s = await live.samples()
+            return value(s, "yeastar_archiver_recordings_archived") == 3 and wanted <= names(s)
+        try:
+            await _until(complete, 20)
+        except AssertionError:
+            raise AssertionError(f"not exported: {sorted(wanted - names(await live.samples()))}") from None
+        text = await live.scrape()
+    finally:
+        await stop_live_run(live)
+    promtool = shutil.which("promtool")
+    if promtool is not None:   # the exposition itself, linted as Prometheus's own tool does
+        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
