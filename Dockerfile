@@ -5,7 +5,7 @@
 FROM python:3.12-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE yeastar_archiver.py ./
 COPY daemon ./daemon
 # dumb-init is PID 1: it forwards SIGTERM to the archiver and reaps; its wheel carries the binary,
 # so no package manager is needed in either stage.

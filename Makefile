@@ -23,7 +23,7 @@ demo: $(VENV)/.stamp-run
 
 test: $(VENV)/.stamp-test promtool
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict daemon
+	$(BIN)/mypy --strict daemon yeastar_archiver.py
 	$(BIN)/pytest
 
 # promtool checks and unit-tests deploy/prometheus/alerts.yml (inside pytest); Debian's prometheus
@@ -37,4 +37,4 @@ container-test: $(VENV)/.stamp-test
 	bash tests/container/container-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache yeastar-archiver-demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache yeastar-archiver-demo dist build

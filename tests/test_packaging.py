@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env
 
 
 def _daemon_imports(path: Path) -> set[str]:
@@ -35,3 +41,66 @@ def test_the_module_graph_has_no_circle() -> None:
                     todo.append(dep)
         return seen
     assert [m for m in graph if m in reachable(m)] == []
+
+
+def _console_script() -> Path:
+    return Path(shutil.which("yeastar-archiver") or REPO / ".venv" / "bin" / "yeastar-archiver")
+
+
+def test_the_version_has_one_source_the_distribution_metadata() -> None:
+    import daemon
+    assert daemon.__version__ == metadata.version("yeastar-archiver")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == daemon.__version__
+    assert "__version__ =" not in (REPO / "daemon" / "__init__.py").read_text()
+    done = subprocess.run([str(_console_script()), "--version"], capture_output=True, text=True, check=False,
+                          env=cli_env(), timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == f"yeastar-archiver {daemon.__version__}"
+
+
+def test_the_console_script_starts_from_a_module_no_other_package_can_shadow() -> None:
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")
+               if ep.dist is not None and ep.dist.name == "yeastar-archiver"}
+    assert scripts == {"yeastar-archiver": "yeastar_archiver:main"}
+
+
+SHADOW = '''"""A different distribution's package called daemon, as python-daemon installs one."""
+from daemon.daemon import DaemonContext  # noqa: F401
+'''
+
+
+def test_a_shadowing_daemon_package_gets_a_clear_message_not_an_import_error(tmp_path: Path) -> None:
+    shadow = tmp_path / "site" / "daemon"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(SHADOW)
+    (shadow / "daemon.py").write_text("class DaemonContext:\n    pass\n")
+    env = cli_env(PYTHONPATH=str(tmp_path / "site"))
+    # First make sure the shadow really wins: Python imports it, not ours.
+    probe = subprocess.run([sys.executable, "-c", "import daemon; print(daemon.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, check=True, timeout=30)
+    assert probe.stdout.strip() == str(shadow / "__init__.py")
+    done = subprocess.run([str(_console_script()), "--version"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, check=False, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "ImportError" not in done.stderr
+    assert str(shadow / "__init__.py") in done.stderr and "python-daemon" in done.stderr
+    assert "virtual environment of its own" in done.stderr
+
+
+def test_the_sdist_carries_what_a_packager_needs_to_run_the_suite(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    build = ("import sys; from setuptools import build_meta; "
+             "print(build_meta.build_sdist(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", build, str(out)], capture_output=True, text=True, cwd=REPO,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name = done.stdout.strip().splitlines()[-1]
+    with tarfile.open(out / name) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    for wanted in ("LICENSE", "README.md", "config.example.yaml", "Makefile", "pyproject.toml", "yeastar_archiver.py",
+                   "daemon/py.typed", "daemon/cli.py", "tests/conftest.py", "tests/faults/test_faults.py",
+                   "systemd/yeastar-archiver.service", "systemd/yeastar-archiver@.service",
+                   "deploy/prometheus/alerts.yml", "deploy/prometheus/alerts_test.yml",
+                   "deploy/grafana/yeastar-archiver.json"):
+        assert wanted in members, wanted
+    assert not [m for m in members if "__pycache__" in m or m.startswith((".venv/", "dist/", ".git/"))]
