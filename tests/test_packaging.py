@@ -11,6 +11,8 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, cli_env
 
 
@@ -104,3 +106,34 @@ def test_the_sdist_carries_what_a_packager_needs_to_run_the_suite(tmp_path: Path
                    "deploy/grafana/yeastar-archiver.json"):
         assert wanted in members, wanted
     assert not [m for m in members if "__pycache__" in m or m.startswith((".venv/", "dist/", ".git/"))]
+
+
+_IMPORTED_BY = """
+import sys
+from daemon.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(("argv", "forbidden"), [
+    # A container HEALTHCHECK runs this every 30 s: no event loop, no logging stack, no HTTP client.
+    (["health", "--url", "http://127.0.0.1:9/livez"], {"aiohttp", "asyncio", "structlog", "ssl", "daemon.runner",
+                                                       "daemon.simulator", "daemon.client", "daemon.ledger"}),
+    (["--version"], {"aiohttp", "asyncio", "structlog", "daemon.runner", "daemon.simulator"}),
+    # status reads the ledger (whose module brings asyncio) but never talks HTTP.
+    (["status", "-c", "{cfg}"], {"aiohttp", "daemon.runner", "daemon.simulator", "daemon.client",
+                                 "prometheus_client"}),
+])
+def test_light_commands_do_not_import_the_heavy_parts(tmp_path: Path, argv: list[str], forbidden: set[str]) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("pbx: {base_url: 'http://127.0.0.1:9', client_id: a, client_secret: b}\n"
+                   f"archive: {{dir: '{tmp_path}'}}\nlogging: {{format: json}}\n")
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_BY, *[a.format(cfg=cfg) for a in argv]],
+                          capture_output=True, text=True, cwd=tmp_path, env=cli_env(), check=False, timeout=60)
+    modules = set(done.stdout.strip().splitlines()[-1].split()) if done.stdout.strip() else set()
+    assert "daemon.cli" in modules, done.stderr
+    assert modules & forbidden == set()
