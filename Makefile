@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test promtool container-test clean
+.PHONY: demo test promtool schema container-test clean
 
 # The stamp files re-install only when pyproject.toml changes.
 $(VENV)/.stamp-run: pyproject.toml
@@ -25,6 +25,11 @@ test: $(VENV)/.stamp-test promtool
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict daemon yeastar_archiver.py
 	$(BIN)/pytest
+
+# The config's JSON Schema, generated from the dataclasses in daemon/config.py (descriptions from
+# config.example.yaml); a test fails when the shipped copy is stale.
+schema: $(VENV)/.stamp-run
+	$(BIN)/python -m daemon.schema config.example.yaml
 
 # promtool checks and unit-tests deploy/prometheus/alerts.yml (inside pytest); Debian's prometheus
 # package provides it, installed here when missing (as root) with its server neither started nor enabled.

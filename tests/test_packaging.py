@@ -100,7 +100,8 @@ def test_the_sdist_carries_what_a_packager_needs_to_run_the_suite(tmp_path: Path
     with tarfile.open(out / name) as tar:
         members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
     for wanted in ("LICENSE", "README.md", "config.example.yaml", "Makefile", "pyproject.toml", "yeastar_archiver.py",
-                   "daemon/py.typed", "daemon/cli.py", "tests/conftest.py", "tests/faults/test_faults.py",
+                   "daemon/py.typed", "daemon/config.schema.json", "daemon/cli.py",
+                   "tests/conftest.py", "tests/faults/test_faults.py",
                    "systemd/yeastar-archiver.service", "systemd/yeastar-archiver@.service",
                    "deploy/prometheus/alerts.yml", "deploy/prometheus/alerts_test.yml",
                    "deploy/grafana/yeastar-archiver.json"):
