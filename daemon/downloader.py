@@ -3,6 +3,11 @@
 stream into a hidden ``.part`` beside the target (O_EXCL, no symlink followed), hashing as it goes →
 verify length and that the body is audio → fsync(file) → link to the final name, never clobbering →
 fsync(dir) → ledger done → sidecar. A failed fsync is never retried: the temp file is discarded.
+
+The recording's bytes are written through ``aiofiles`` (the design card's writer for recordings:
+an async file object whose writes run on its thread pool), one write per MiB. Every other blocking
+step here and in the rest of the package (open, hash, fsync, link, statvfs, the ledger) uses
+``asyncio.to_thread`` or the ledger's own thread: the split is intended, not an accident.
 """
 
 from __future__ import annotations
