@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test promtool schema container-test clean
+.PHONY: demo test test-lowest promtool schema container-test clean
 
 # The stamp files re-install only when pyproject.toml changes.
 $(VENV)/.stamp-run: pyproject.toml
@@ -26,6 +26,16 @@ test: $(VENV)/.stamp-test promtool
 	$(BIN)/mypy --strict daemon yeastar_archiver.py
 	$(BIN)/pytest
 
+# The suite again with the lowest version of every direct dependency that pyproject.toml allows,
+# in a venv of its own: proves the floors. CI runs it after `make test`.
+LOWEST := .venv-lowest
+test-lowest: $(VENV)/.stamp-test promtool
+	rm -rf $(LOWEST)
+	$(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
+	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip install --quiet --resolution lowest-direct -e '.[test]'
+	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip list | grep -E -i '^(aiohttp|aiofiles|pyyaml|structlog|prometheus-client) '
+	PATH=$(CURDIR)/$(LOWEST)/bin:$$PATH $(LOWEST)/bin/pytest -p no:cacheprovider
+
 # The config's JSON Schema, generated from the dataclasses in daemon/config.py (descriptions from
 # config.example.yaml); a test fails when the shipped copy is stale.
 schema: $(VENV)/.stamp-run
@@ -42,4 +52,4 @@ container-test: $(VENV)/.stamp-test
 	bash tests/container/container-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache yeastar-archiver-demo dist build
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache yeastar-archiver-demo dist build
