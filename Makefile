@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-lowest promtool schema container-test clean
+.PHONY: demo test test-lowest promtool schema lock container-test clean
 
 # The stamp files re-install only when pyproject.toml changes.
 $(VENV)/.stamp-run: pyproject.toml
@@ -35,6 +35,13 @@ test-lowest: $(VENV)/.stamp-test promtool
 	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip install --quiet --resolution lowest-direct -e '.[test]'
 	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip list | grep -E -i '^(aiohttp|aiofiles|pyyaml|structlog|prometheus-client) '
 	PATH=$(CURDIR)/$(LOWEST)/bin:$$PATH $(LOWEST)/bin/pytest -p no:cacheprovider
+
+# The container's lock: pyproject.toml's dependencies and deploy/image-requirements.in, pinned with
+# the hashes of every file of each release (any platform, Python >= 3.11). The Dockerfile installs
+# it with --require-hashes. Rerun to take newer releases; test-lowest keeps the floors honest.
+lock: $(VENV)/.stamp-test
+	$(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+	    --output-file requirements.lock pyproject.toml deploy/image-requirements.in
 
 # The config's JSON Schema, generated from the dataclasses in daemon/config.py (descriptions from
 # config.example.yaml); a test fails when the shipped copy is stale.

@@ -104,3 +104,29 @@ def test_every_alert_is_unit_tested_firing() -> None:
     tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
     fired = {case["alertname"] for t in tests for case in t["alert_rule_test"] if case.get("exp_alerts")}
     assert rules == fired
+
+
+def test_the_container_lock_pins_every_dependency_with_hashes() -> None:
+    """requirements.lock (make lock) satisfies pyproject.toml and pins each package with its hashes;
+    the Dockerfile installs from it and nothing else."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    text = (REPO / "requirements.lock").read_text()
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        line = block.splitlines()[0]
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, version = line.split(";")[0].strip(" \\").partition("==")
+        assert version, f"not pinned: {line}"
+        assert "--hash=sha256:" in block, f"no hash: {line}"
+        pins[name.lower().replace("_", "-")] = version
+    for spec in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(spec)
+        assert req.name.lower() in pins, f"{req.name} is not in requirements.lock: run make lock"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} breaks {spec}"
+    assert "dumb-init" in pins
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "--require-hashes --no-deps -r requirements.lock" in dockerfile
+    assert "--no-index --no-deps --no-build-isolation ." in dockerfile
