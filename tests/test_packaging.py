@@ -104,7 +104,7 @@ def test_the_sdist_carries_what_a_packager_needs_to_run_the_suite(tmp_path: Path
                    "tests/conftest.py", "tests/faults/test_faults.py",
                    "systemd/yeastar-archiver.service", "systemd/yeastar-archiver@.service",
                    "deploy/prometheus/alerts.yml", "deploy/prometheus/alerts_test.yml",
-                   "deploy/grafana/yeastar-archiver.json"):
+                   "deploy/grafana/yeastar-archiver.json", "requirements.lock"):
         assert wanted in members, wanted
     assert not [m for m in members if "__pycache__" in m or m.startswith((".venv/", "dist/", ".git/"))]
 
