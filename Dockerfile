@@ -5,12 +5,19 @@
 FROM python:3.12-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY daemon ./daemon
-# dumb-init is PID 1: it forwards SIGTERM to the archiver and reaps; its wheel carries the binary,
-# so no package manager is needed in either stage.
+# Every third-party package comes from requirements.lock, pinned and hash-checked (`make lock`
+# regenerates it): the image is the same whenever it is built. dumb-init is PID 1 (it forwards
+# SIGTERM to the archiver and reaps); its wheel carries the binary, so no package manager is
+# needed in either stage. setuptools builds the archiver below and is removed afterwards.
+COPY requirements.lock ./
 RUN python -m venv /opt/yeastar-archiver \
- && /opt/yeastar-archiver/bin/pip install --no-cache-dir . dumb-init==1.2.5.post1
+ && /opt/yeastar-archiver/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+COPY pyproject.toml README.md LICENSE yeastar_archiver.py ./
+COPY daemon ./daemon
+# The archiver itself, from this source and nothing else: no index, no build isolation.
+RUN /opt/yeastar-archiver/bin/pip install --no-cache-dir --no-index --no-deps --no-build-isolation . \
+ && /opt/yeastar-archiver/bin/pip check \
+ && /opt/yeastar-archiver/bin/pip uninstall --yes setuptools
 
 # ---- runtime
 FROM python:3.12-slim

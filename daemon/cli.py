@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
-import structlog
-
-from daemon import __version__
-from daemon.client import PbxClient
-from daemon.clock import SystemClock, sleep_or_stop
 from daemon.config import Config, config_path, load_config
-from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER, KV_LAST_EVENT, KV_LAST_POLL, KV_LAST_SWEEP, Backfill
 from daemon.errors import (
     EXIT_AUTH,
     EXIT_CONFIG,
@@ -37,13 +32,40 @@ from daemon.errors import (
     TlsError,
     WrongArchiveError,
 )
-from daemon.ledger import STATES, LedgerDb, Ref
-from daemon.logs import configure_logging, redact_text
-from daemon.runner import Pipeline, ProgressHook, RunResult, run_pipeline
-from daemon.simulator import SimOptions, Simulator
-from daemon.sources import parse_ref
+from daemon.simoptions import SimOptions
 
-log = structlog.get_logger("daemon.cli")
+# Every command pays for what this module imports, and a container HEALTHCHECK runs `health` every
+# 30 s: asyncio, structlog, aiohttp, the ledger, the runner and the simulator are imported inside
+# the commands that use them (bench/startup.py measures it).
+if TYPE_CHECKING:
+    import asyncio
+
+    from structlog.typing import FilteringBoundLogger
+
+    from daemon.ledger import LedgerDb, Ref
+    from daemon.live import Pipeline
+    from daemon.runner import ProgressHook, RunResult
+
+
+def _log() -> FilteringBoundLogger:
+    import structlog
+    logger: FilteringBoundLogger = structlog.get_logger("daemon.cli")
+    return logger
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, reading the distribution's metadata only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from daemon import __version__
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -57,7 +79,7 @@ def _add_config_arg(parser: argparse.ArgumentParser, *, top: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yeastar-archiver",
                                      description="Archive call recordings from a Yeastar P-Series PBX.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     _add_config_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -126,10 +148,11 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
 
 def _load(args: argparse.Namespace) -> Config:
     """Load the config and configure logging from it. Raises ConfigError."""
+    from daemon.logs import configure_logging
     cfg = load_config(config_path(args.config))
     configure_logging(cfg.logging.format, cfg.logging.level)
     for warning in cfg.warnings:
-        log.warning("config.warning", message=warning)
+        _log().warning("config.warning", message=warning)
     return cfg
 
 
@@ -140,6 +163,8 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
     (an operator pressing Ctrl-C twice).
 
     With ``reload`` (a factory, so that the event is made inside the running loop), SIGHUP sets it."""
+    import asyncio
+
     async def runner() -> int:
         stop = asyncio.Event()
         hurry = asyncio.Event()
@@ -148,7 +173,7 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
         def on_stop_signal() -> None:
             if stop.is_set():
                 hurry.set()
-                log.warning("shutdown.hurry", action="abandoning in-flight downloads now")
+                _log().warning("shutdown.hurry", action="abandoning in-flight downloads now")
             stop.set()
         # SIGTERM: systemd / container stop. SIGINT: Ctrl-C. Both ask for the same graceful stop.
         handled = [signal.SIGTERM, signal.SIGINT]
@@ -169,6 +194,7 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
 # ---------------------------------------------------------------- check
 async def check_pbx(cfg: Config) -> str:
     """Log in, list one recording, revoke the token; returns a one-line report. Raises ArchiverError."""
+    from daemon.client import PbxClient
     async with PbxClient(cfg.pbx, read_timeout_s=cfg.downloads.read_timeout_s) as client:
         page = await client.check()
     return (f"logged in to {cfg.pbx.base_url} as {cfg.pbx.client_id!r}; "
@@ -176,6 +202,7 @@ async def check_pbx(cfg: Config) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
     try:
         cfg = _load(args)
         report = asyncio.run(check_pbx(cfg))
@@ -212,6 +239,30 @@ def livez_url(listen: str) -> str:
     return f"http://{host}:{port}/livez"
 
 
+def http_status(url: str, timeout_s: float) -> int:
+    """The HTTP status of ``GET url``. Plain http (the health port) goes over a bare socket: urllib
+    would import ssl and email, most of this command's start-up. Raises OSError, ValueError."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        import urllib.request
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the operator's own URL
+            return int(resp.status)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s) as conn:
+        conn.sendall(f"GET {target} HTTP/1.0\r\nHost: {parts.netloc}\r\nUser-Agent: yeastar-archiver-health\r\n"
+                     "Connection: close\r\n\r\n".encode("ascii"))
+        head = b""
+        while b"\r\n" not in head and len(head) < 256:
+            chunk = conn.recv(256)
+            if not chunk:
+                break
+            head += chunk
+    match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3}) ", head)
+    if match is None:
+        raise ValueError(f"not an HTTP answer: {head[:40]!r}")
+    return int(match.group(1))
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     url = args.url
     if url is None:
@@ -221,8 +272,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             return EXIT_FAILED_ITEMS
         url = livez_url(cfg.service.listen)
     try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as resp:  # noqa: S310 - operator's own URL
-            ok = resp.status == 200
+        ok = http_status(url, HEALTH_TIMEOUT_S) == 200
     except (OSError, ValueError) as exc:
         print(f"health: {url}: {exc}", file=sys.stderr)
         return EXIT_FAILED_ITEMS
@@ -232,6 +282,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from daemon.logs import configure_logging
+    from daemon.simulator import Simulator
     opts = simulator_options(args)
     configure_logging("auto", "info")
 
@@ -253,6 +305,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- run / once
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from daemon.runner import run_pipeline
     cfg = _load(args)
     events: list[asyncio.Event] = []
 
@@ -268,6 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
+    from daemon.runner import run_pipeline
     cfg = _load(args)
 
     async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
@@ -314,6 +370,9 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
     every = interval_s if interval_s is not None else (0.5 if tty else 10.0)
 
     async def report(pipeline: Pipeline, done: asyncio.Event) -> None:
+        import asyncio
+
+        from daemon.clock import SystemClock, sleep_or_stop
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
@@ -332,7 +391,7 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
                 stream.write(f"\r{ended:>7}/{total:<7} {megabytes:9.1f} MB {rate:7.1f} MB/s ETA {eta_text}{paused:<40}")
                 stream.flush()
             else:
-                log.info("progress", ended=ended, total=total, megabytes=round(megabytes, 1),
+                _log().info("progress", ended=ended, total=total, megabytes=round(megabytes, 1),
                          mb_per_s=round(rate, 2), eta_s=None if eta is None else round(eta))
             if finished:
                 if tty:
@@ -343,10 +402,13 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
 
 # ---------------------------------------------------------------- status / enqueue / retry
 def _open_db(cfg: Config) -> LedgerDb:
+    from daemon.ledger import LedgerDb
     return LedgerDb(cfg.state.path)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.ledger import STATES
+    from daemon.logs import redact_text
     cfg = _load(args)
     if not cfg.state.path.exists():
         counts: dict[str, int] = dict.fromkeys(STATES, 0)
@@ -386,6 +448,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def discovery_status(db: LedgerDb) -> dict[str, Any]:
     """The discovery checkpoint and its last activity, as status shows them ({} if never run)."""
+    from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER, KV_LAST_EVENT, KV_LAST_POLL, KV_LAST_SWEEP, Backfill
     high = db.kv_get(KV_HIGH_WATER)
     if high is None:
         return {}
@@ -401,6 +464,7 @@ def discovery_status(db: LedgerDb) -> dict[str, Any]:
 
 
 def _parse_refs(texts: list[str]) -> list[Ref]:
+    from daemon.sources import parse_ref
     refs, bad = [], []
     for text in texts:
         ref = parse_ref(text)
@@ -498,6 +562,9 @@ def prepare_demo_dir(directory: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.logs import configure_logging
+    from daemon.runner import run_pipeline
+    from daemon.simulator import Simulator
     directory = Path(args.dir).resolve()
     opts = DEMO_OPTIONS
     prepare_demo_dir(directory)

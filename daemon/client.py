@@ -251,6 +251,16 @@ class PbxHealth:
     ok_at: float = 0.0
     error_at: float = 0.0
     error: str | None = None
+    answered_at: float = 0.0      # the last answer of any kind, an error envelope or a 5xx included
+    unreachable_at: float = 0.0   # the last time the PBX could not be reached (or trusted) at all
+    connection_errors: int = 0
+
+    @property
+    def up(self) -> bool | None:
+        """The PBX answered since it was last unreachable; None before any exchange."""
+        if self.last_at == 0.0:
+            return None
+        return max(self.ok_at, self.answered_at) > self.unreachable_at
 
     @property
     def ok(self) -> bool:
@@ -343,6 +353,13 @@ class TokenManager:
         """The PBX said ``stale`` is expired (10004); the next ``token()`` renews unless already done."""
         if self._access == stale:
             self._access_expires_at = -math.inf
+
+    @property
+    def expires_wall(self) -> float | None:
+        """Unix time the current access token expires (None without one)."""
+        if self._access is None:
+            return None
+        return self._clock.wall() + self._access_expires_at - self._clock.monotonic()
 
     def seconds_until_renewal(self) -> float:
         """How long the current token stays fresh (0 when it is due or absent)."""
@@ -493,6 +510,7 @@ class PbxClient:
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
         self._session: aiohttp.ClientSession | None = None
         self.health = PbxHealth()
+        self._events_ws: aiohttp.ClientWebSocketResponse | None = None
         self.errcodes: Counter[int] = Counter()
         self._url_lifetime_s = url_lifetime_s
         self._api_timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, connect=cfg.timeout_s)
@@ -533,6 +551,11 @@ class PbxClient:
         finally:
             await self._session.close()
             self._session = None
+
+    @property
+    def events_connected(self) -> bool:
+        """An event subscription (the PBX WebSocket) is open now."""
+        return self._events_ws is not None and not self._events_ws.closed
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -576,6 +599,11 @@ class PbxClient:
     def _unhealthy(self, exc: Exception) -> None:
         self.health.error_at = self.clock.monotonic()
         self.health.error = str(exc)
+        if isinstance(exc, PbxUnavailableError):
+            self.health.unreachable_at = self.health.error_at
+            self.health.connection_errors += 1
+        else:
+            self.health.answered_at = self.health.error_at
 
     def _raise_for_http(self, resp: aiohttp.ClientResponse, what: str, recording: str | None) -> None:
         if resp.status == 200:
@@ -651,9 +679,13 @@ class PbxClient:
         while True:
             token = await self.tokens.token()
             headers = {"Range": f"bytes={offset}-"} if use_range else {}
-            with translate_errors("file download", recording=recording):
-                resp = await self.session.get(url, params={"access_token": token}, headers=headers,
-                                              allow_redirects=False, timeout=self._file_timeout)
+            try:
+                with translate_errors("file download", recording=recording):
+                    resp = await self.session.get(url, params={"access_token": token}, headers=headers,
+                                                  allow_redirects=False, timeout=self._file_timeout)
+            except PbxUnavailableError as exc:
+                self._unhealthy(exc)
+                raise
             async with resp:
                 retry = await self._check_file_response(resp, recording)
                 if retry == "token" and not token_retried:
@@ -760,6 +792,7 @@ class PbxClient:
                 self.tokens.invalidate(token)
                 raise PbxBusyError("the PBX refused the event subscription") from exc
             raise
+        self._events_ws = ws
         async with ws:
             await ws.send_str(json.dumps({"topic_list": topics}))
             log.info("events.subscribed", topics=topics)

@@ -376,6 +376,8 @@ def _call_types(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise TypeError
     allowed = {"inbound": "Inbound", "outbound": "Outbound", "internal": "Internal"}
+    if any(str(v).lower() not in allowed for v in value):
+        raise ValueError  # reported with the key path, like every other bad value
     return tuple(allowed[str(v).lower()] for v in value)
 
 

@@ -15,16 +15,18 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.client import PbxClient
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import DiscoverConfig
 from daemon.errors import ArchiverError, FatalAuthError
 from daemon.ledger import META_FIELDS, Ledger, Ref
 from daemon.supervise import Loops
+
+if TYPE_CHECKING:  # status reads discovery's checkpoint keys: it must not pay for aiohttp
+    from daemon.client import PbxClient
 
 log = structlog.get_logger("daemon.discovery")
 

@@ -7,6 +7,11 @@ ledger done → sidecar. A failed fsync is never retried: the temp file is disca
 
 Before any of it, the name the PBX serves is bound in the ledger (``LedgerDb.bind_name``): a recording
 named twice (by id and by file name) has one transfer at a time and ends in one row.
+
+The recording's bytes are written through ``aiofiles`` (the design card's writer for recordings:
+an async file object whose writes run on its thread pool), one write per MiB. Every other blocking
+step here and in the rest of the package (open, hash, fsync, link, statvfs, the ledger) uses
+``asyncio.to_thread`` or the ledger's own thread: the split is intended, not an accident.
 """
 
 from __future__ import annotations

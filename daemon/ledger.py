@@ -392,6 +392,17 @@ class LedgerDb:
         return int(self.conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM recordings WHERE state = 'done'")
                    .fetchone()[0])
 
+    def oldest_waiting_since(self) -> float | None:
+        """When the longest-waiting recording (pending or in progress) was enqueued, Unix time; None if none."""
+        value = self.conn.execute("SELECT MIN(created_at) FROM recordings WHERE state IN ('pending', 'in_progress')"
+                                  ).fetchone()[0]
+        return None if value is None else float(value)
+
+    def last_done_at(self) -> float | None:
+        """When the most recent recording was archived, Unix time; None if none ever was."""
+        value = self.conn.execute("SELECT MAX(done_at) FROM recordings WHERE state = 'done'").fetchone()[0]
+        return None if value is None else float(value)
+
     def recent_failures(self, limit: int = 10) -> list[Row]:
         return [_row(r) for r in self.conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state IN ('failed', 'missing') "

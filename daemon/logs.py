@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -100,10 +102,69 @@ def truncate_exception(_logger: Any, _method: str, event: MutableMapping[str, An
     return event
 
 
+def add_logger_name(logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the ``logger`` field, for our events and stdlib records (aiohttp's) alike."""
+    record = event.get("_record")
+    name = record.name if isinstance(record, logging.LogRecord) else getattr(logger, "name", None)
+    if name:
+        event.setdefault("logger", name)
+    return event
+
+
+# syslog priorities by level, for journald's stream parser (sd-daemon(3): a line starting "<N>").
+JOURNAL_PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
+
+
+def journal_priority(level: str) -> int:
+    """The syslog priority of a log level; unknown levels are notices (5). Pure."""
+    return JOURNAL_PRIORITIES.get(level.lower(), 5)
+
+
+def under_journald(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal's own stream: systemd sets ``JOURNAL_STREAM`` to its
+    ``device:inode``, and a stream redirected elsewhere (a child's, a pipe) must not be prefixed."""
+    dev, _, ino = (os.environ if env is None else env).get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+class _JournalPrefix:
+    """Wraps the final renderer: ``<3>{...}`` so that ``journalctl -p err`` finds errors."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        level = str(event.get("level", method))
+        return f"<{journal_priority(level)}>{self.renderer(logger, method, event)}"
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's fast writer, carrying the name given to ``get_logger`` for the ``logger`` field."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedWriteLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        return _NamedWriteLogger(self._file, str(args[0]) if args else "daemon")
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         # Plain traceback text: no local variables, which could hold secrets.
         structlog.processors.format_exc_info,
@@ -112,8 +173,16 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+_handler: logging.Handler | None = None  # ours on the root logger, replaced by each configure_logging
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog once, at the edge. ``fmt``: auto | json | console."""
+    """Configure logging once, at the edge. ``fmt``: auto | json | console.
+
+    structlog's events and the standard library's records (aiohttp's, asyncio's) go through the same
+    processors (redaction included) and renderer: with JSON, every line is one JSON object. Under
+    journald each line starts with its syslog priority."""
+    global _handler
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -124,15 +193,39 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback,
         )
+    if under_journald(stream):
+        renderer = _JournalPrefix(renderer)
+    numeric = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[*_shared_processors(), renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=_NamedWriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    _handler = handler
 
+
+def reset_logging() -> None:
+    """Undo ``configure_logging`` (tests configure it many times in one process)."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    structlog.reset_defaults()
 
 
 def set_level(level: str) -> None:
     """Change the level of later log events (SIGHUP), keeping everything else as configured."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())))
+    numeric = logging.getLevelName(level.upper())
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
+    logging.getLogger().setLevel(numeric)

@@ -22,7 +22,7 @@ from daemon.errors import ArchiverError
 from daemon.logs import redact_text
 
 if TYPE_CHECKING:
-    from daemon.runner import Pipeline
+    from daemon.live import Pipeline
     from daemon.service import Health
 
 log = structlog.get_logger("daemon.notify")
@@ -159,6 +159,7 @@ class Notifier:
                         break
                     except ArchiverError as exc:
                         if attempt == TRIES:
+                            self.health.notify_failures += 1
                             log.warning("notify.failed", notice=body["event"], error=str(exc))
                         else:
                             await self.clock.sleep(2.0 ** attempt)

@@ -19,6 +19,7 @@ from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
 from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
+from daemon.live import Pipeline
 from daemon.logs import set_level
 from daemon.notify import Notifier
 from daemon.reconcile import ReconcileReport, check_identity, reconcile
@@ -52,15 +53,6 @@ class RunResult:
     def left(self) -> int:
         """Recordings still to do."""
         return self.counts.get("pending", 0) + self.counts.get("in_progress", 0)
-
-
-@dataclass
-class Pipeline:
-    """The live parts of a run, for progress reporting (and, later, health and metrics)."""
-
-    ledger: Ledger
-    scheduler: Scheduler
-    downloader: Downloader
 
 
 ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
@@ -134,8 +126,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         if hurry is not None:
             scheduler.hurry = hurry
         pipeline = Pipeline(ledger, scheduler, downloader)
+        await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline
-        await _refresh_counts(health, ledger)
         # Ready once the local prerequisites hold (config, ledger, archive): never wait for the PBX,
         # so that a PBX outage cannot turn into a start-up timeout and a restart loop.
         notify.send("READY=1", f"STATUS={_status_line(health)}")
@@ -274,7 +266,7 @@ def _status_line(health: Health) -> str:
 
 async def _refresh_counts(health: Health, ledger: Ledger) -> None:
     try:
-        health.counts = await ledger.call(lambda db: db.counts())
+        await health.refresh(ledger)
         health.counts_ok = True
     except Exception as exc:  # the ledger is unreadable: readiness says so
         health.counts_ok = False

@@ -11,21 +11,50 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon import __version__
 from daemon.clock import Clock, sleep_or_stop
+from daemon.discovery import KV_LAST_POLL, KV_LAST_SWEEP
 from daemon.logs import redact_text
 from daemon.supervise import Loops
 
 if TYPE_CHECKING:
-    from daemon.runner import Pipeline
+    from daemon.ledger import Ledger, LedgerDb
+    from daemon.live import Pipeline
 
 log = structlog.get_logger("daemon.service")
 
-PBX_PAUSE_REASONS = frozenset({"PbxUnavailableError", "TlsError", "TokenLimitError", "PbxBusyError",
-                               "FatalAuthError"})
+# The reasons a pause is reported under, in /metrics (``paused{reason}``) and the alert rules. A fixed
+# set: a new exception class must never turn into a new, unalerted label value.
+PAUSE_REASONS = ("pbx_unreachable", "pbx_busy", "certificate", "token_limit", "credentials", "storage", "other")
+PBX_PAUSES = frozenset({"pbx_unreachable", "pbx_busy", "certificate", "token_limit", "credentials"})
+_PAUSE_LABELS = {
+    "PbxUnavailableError": "pbx_unreachable",
+    "PbxBusyError": "pbx_busy",
+    "TlsError": "certificate",
+    "TokenLimitError": "token_limit",
+    "FatalAuthError": "credentials",
+    "StorageError": "storage",
+    "LedgerError": "storage",      # the ledger's disk full, or a lock held too long
+}
+
+
+def pause_label(reason: str | None) -> str:
+    """The documented reason value for the scheduler's ``pause_reason`` (an exception class name):
+    one of PAUSE_REASONS, or ``none`` when not paused. Pure; tested as a table."""
+    if reason is None:
+        return "none"
+    return _PAUSE_LABELS.get(reason, "other")
 
 
 class SdNotify:
@@ -68,7 +97,7 @@ async def feed_watchdog(notify: SdNotify, alive: Callable[[], bool], clock: Cloc
 
 @dataclass
 class Health:
-    """What the health endpoints and the watchdog read; the runner fills it in as it goes."""
+    """What the health endpoints, the metrics and the watchdog read; the runner fills it in as it goes."""
 
     clock: Clock
     pipeline: Pipeline | None = None
@@ -77,6 +106,40 @@ class Health:
     counts_ok: bool = False
     stopping: bool = False
     listen_port: int = 0
+    # Read from the ledger, so that they survive a restart (a staleness alert must not fire after each).
+    last_done_at: float | None = None          # the newest done_at when this process started
+    oldest_waiting_at: float | None = None     # created_at of the longest-waiting row
+    last_poll_at: float | None = None          # discovery, from its checkpoint
+    last_sweep_at: float | None = None
+    notify_failures: int = 0                   # webhook messages given up on after every try
+    _refreshed: bool = False
+
+    async def refresh(self, ledger: Ledger) -> None:
+        """Re-read the ledger's counts, the longest wait and discovery's checkpoints, in one trip to the
+        ledger thread (a scan of the waiting rows, like the counts). Raises what the ledger raises."""
+        first = self._refreshed is False
+
+        def read(db: LedgerDb) -> dict[str, Any]:
+            out: dict[str, Any] = {"counts": db.counts(), "oldest": db.oldest_waiting_since(),
+                                   "poll": db.kv_get(KV_LAST_POLL), "sweep": db.kv_get(KV_LAST_SWEEP)}
+            if first:  # done rows only grow: one scan at start; the scheduler tracks the rest
+                out["last_done"] = db.last_done_at()
+            return out
+        facts = await ledger.call(read)
+        self.counts = facts["counts"]
+        self.oldest_waiting_at = facts["oldest"]
+        self.last_poll_at = _float_or_none(facts["poll"])
+        self.last_sweep_at = _float_or_none(facts["sweep"])
+        if first:
+            self.last_done_at = facts["last_done"]
+            self._refreshed = True
+
+    def pause(self) -> str:
+        """The documented reason the pipeline is paused now (PAUSE_REASONS), or ``none``."""
+        p = self.pipeline
+        if p is None or not (p.scheduler.paused or p.scheduler.fatal is not None):
+            return "none"
+        return pause_label(p.scheduler.pause_reason or ("FatalAuthError" if p.scheduler.fatal else None))
 
     def __post_init__(self) -> None:
         self.loops = Loops(self.clock)
@@ -101,21 +164,21 @@ class Health:
                             **({"reason": "the ledger cannot be written (disk full, or locked too long)"}
                                if ledger_paused or not self.counts_ok else {})}
         writable = os.access(p.downloader.archive.root, os.W_OK)
-        disk_paused = p.scheduler.paused and p.scheduler.pause_reason == "StorageError"
+        paused = self.pause()
+        disk_paused = paused == "storage"
         checks["archive"] = {"ok": writable and not disk_paused,
                              **({"reason": "the archive cannot be written (disk full or read-only)"}
                                 if not writable or disk_paused else {})}
         client = p.downloader.client
         fatal = client.tokens.fatal or p.scheduler.fatal
-        pbx_ok = fatal is None and client.health.ok and not (
-            p.scheduler.paused and p.scheduler.pause_reason in PBX_PAUSE_REASONS)
+        pbx_ok = fatal is None and client.health.ok and paused not in PBX_PAUSES
         pbx: dict[str, Any] = {"ok": pbx_ok, "authenticated": client.tokens.authenticated}
         if fatal is not None:
             pbx["reason"] = redact_text(str(fatal))
         elif p.scheduler.paused and p.scheduler.pause_reason == "TlsError":
             pbx["reason"] = "certificate: the PBX's TLS certificate is not trusted (set pbx.tls.ca_file)"
         elif not pbx_ok:
-            pbx["reason"] = redact_text(client.health.error or f"paused: {p.scheduler.pause_reason}")
+            pbx["reason"] = redact_text(client.health.error or f"paused: {paused}")
         checks["pbx"] = pbx
         failing = self.loops.failing()
         local = self.loops.failing(local_only=True)
@@ -125,32 +188,75 @@ class Health:
         return all(c["ok"] for c in checks.values()), checks
 
 
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"yeastar_archiver_{name}", text, value=value)
+
+
 class PipelineCollector(Collector):
-    """Prometheus metrics read from the live pipeline at scrape time."""
+    """Prometheus metrics read from the live pipeline at scrape time (on a worker thread)."""
 
     def __init__(self, health: Health) -> None:
         self.health = health
 
     def collect(self) -> Iterator[Metric]:
+        version = GaugeMetricFamily("yeastar_archiver_build_info", "The archiver's version; always 1",
+                                    labels=["version"])
+        version.add_metric([__version__], 1)
+        yield version
         p = self.health.pipeline
         if p is None:
             return
+        cfg = p.scheduler.cfg
         stats = p.scheduler.stats
-        results = CounterMetricFamily("yeastar_archiver_recordings", "Recordings by result in this process",
+        now = self.health.clock.wall()
+        results = CounterMetricFamily("yeastar_archiver_recordings",
+                                      "Recordings that ended an attempt in this process, by outcome",
                                       labels=["result"])
         for result, value in (("downloaded", stats.downloaded), ("adopted", stats.adopted),
-                              ("failed", stats.failed), ("missing", stats.missing), ("retried", stats.retried)):
+                              ("failed", stats.failed), ("missing", stats.missing)):
             results.add_metric([result], value)
         yield results
+        yield CounterMetricFamily("yeastar_archiver_retries", "Attempts that failed and were scheduled again",
+                                  value=stats.retried)
         yield CounterMetricFamily("yeastar_archiver_archived_bytes", "Bytes archived by this process",
                                   value=stats.bytes)
-        depth = GaugeMetricFamily("yeastar_archiver_queue_depth", "Ledger rows by state", labels=["state"])
-        for state, n in self.health.counts.items():
-            depth.add_metric([state], n)
+        counts = self.health.counts
+        depth = GaugeMetricFamily("yeastar_archiver_queue_depth",
+                                  "Ledger rows not archived, by state (failed and missing wait for an operator)",
+                                  labels=["state"])
+        for state in ("pending", "in_progress", "failed", "missing"):
+            depth.add_metric([state], counts.get(state, 0))
         yield depth
-        yield GaugeMetricFamily("yeastar_archiver_transfers_in_flight", "File transfers running now",
-                                value=p.downloader.in_flight)
+        yield _gauge("recordings_archived", "Recordings archived in the ledger, all time", counts.get("done", 0))
+        oldest = self.health.oldest_waiting_at
+        yield _gauge("oldest_pending_age_seconds", "How long the longest-waiting recording has been queued (0: none)",
+                     0.0 if oldest is None else max(0.0, now - oldest))
+        yield _gauge("transfers_in_flight", "File transfers running now", p.downloader.in_flight)
+        try:
+            free = p.downloader.archive.free_bytes()
+        except OSError:
+            pass  # the archive is gone (unmounted): readiness says so; no number is better than a wrong one
+        else:
+            yield _gauge("archive_free_bytes", "Free bytes on the archive's file system", free)
+        yield _gauge("archive_min_free_bytes", "archive.min_free_bytes: downloads pause below this",
+                     cfg.archive.min_free_bytes)
         client = p.downloader.client
+        up = client.health.up
+        if up is not None:
+            yield _gauge("pbx_up", "1 when the PBX answered since it was last unreachable", 1 if up else 0)
+        yield CounterMetricFamily("yeastar_archiver_pbx_connection_errors",
+                                  "Requests that could not reach the PBX (refused, DNS, timeout, TLS)",
+                                  value=client.health.connection_errors)
+        expires = client.tokens.expires_wall
+        if expires is not None:
+            yield _gauge("token_expiry_timestamp_seconds", "Unix time the current access token expires", expires)
         yield CounterMetricFamily("yeastar_archiver_token_refreshes", "Access tokens renewed by refresh",
                                   value=client.tokens.refreshes)
         yield CounterMetricFamily("yeastar_archiver_logins", "Fresh logins (get_token)", value=client.tokens.logins)
@@ -159,14 +265,32 @@ class PipelineCollector(Collector):
         for errcode, n in sorted(client.errcodes.items()):
             errors.add_metric([str(errcode)], n)
         yield errors
-        yield GaugeMetricFamily("yeastar_archiver_last_success_timestamp_seconds",
-                                "Unix time of the last recording archived", value=p.scheduler.last_success_wall)
-        paused = GaugeMetricFamily("yeastar_archiver_paused", "1 while the pipeline is paused, by reason",
+        last = max(self.health.last_done_at or 0.0, p.scheduler.last_success_wall)
+        yield _gauge("last_success_timestamp_seconds", "Unix time the newest recording was archived (0: never)", last)
+        paused = GaugeMetricFamily("yeastar_archiver_paused", "1 while the pipeline is paused for this reason",
                                    labels=["reason"])
-        paused.add_metric([p.scheduler.pause_reason or "none"], 1 if p.scheduler.paused else 0)
+        reason = self.health.pause()
+        for label in PAUSE_REASONS:
+            paused.add_metric([label], 1 if reason == label else 0)
         yield paused
+        if cfg.sources.discover.enabled:
+            if self.health.last_poll_at is not None:
+                yield _gauge("discovery_last_poll_timestamp_seconds", "Unix time of the last recording/list poll",
+                             self.health.last_poll_at)
+            if self.health.last_sweep_at is not None:
+                yield _gauge("discovery_last_sweep_timestamp_seconds",
+                             "Unix time of the last full listing (sweep or finished back-fill)",
+                             self.health.last_sweep_at)
+            if cfg.sources.discover.events:
+                yield _gauge("events_connected", "1 while the PBX event WebSocket is subscribed",
+                             1 if client.events_connected else 0)
+        if cfg.notify.url is not None:
+            yield CounterMetricFamily("yeastar_archiver_notify_failures",
+                                      "Webhook messages given up on after every try", value=self.health.notify_failures)
+        # verify: yeastar_archiver_verify_last_run_timestamp_seconds and yeastar_archiver_verify_problems
+        # belong here once the `verify` command exists (deploy/prometheus/alerts.yml already watches them).
         ready, _ = self.health.readiness()
-        yield GaugeMetricFamily("yeastar_archiver_ready", "1 when /readyz says ready", value=1 if ready else 0)
+        yield _gauge("ready", "1 when /readyz says ready", 1 if ready else 0)
         loop_up = GaugeMetricFamily("yeastar_archiver_loop_up", "1 while a long-lived loop's last turn worked",
                                     labels=["loop"])
         loop_failures = CounterMetricFamily("yeastar_archiver_loop_failures",
@@ -179,11 +303,15 @@ class PipelineCollector(Collector):
 
 
 class Metrics:
-    """One registry per process (not the global one: tests run many pipelines in one interpreter)."""
+    """One registry per process (not the global one: tests run many pipelines in one interpreter),
+    with the standard process_* and python_* collectors beside the archiver's own series."""
 
     def __init__(self, health: Health) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PipelineCollector(health))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.resolve_seconds = Histogram(
             "yeastar_archiver_resolve_seconds", "recording/download calls (download URL), seconds",
             registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

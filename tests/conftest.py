@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon.clock import Clock
 from daemon.config import PbxConfig, Secret, TlsConfig
+from daemon.logs import reset_logging
 from daemon.simulator import SimOptions, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,9 +52,9 @@ async def start_sim() -> AsyncIterator[SimFactory]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
+def _reset_logging() -> Iterator[None]:
     yield
-    structlog.reset_defaults()
+    reset_logging()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -75,6 +75,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     ("sources.ids", [1, "x"], "sources.ids", "positive recording ids"),
     ("sources.ids", [0], "sources.ids", "positive"),
     ("sources.ids", "1727", "sources.ids", "list"),
+    ("sources.discover.call_types", ["Conference"], "sources.discover.call_types", "Inbound, Outbound, Internal"),
     ("archive.dir", _DELETE, "archive.dir", "is required"),
     ("archive.layout", "{year}/{nope}", "archive.layout", "{file}"),
     ("archive.layout", "/abs/{file}", "archive.layout", "relative"),

@@ -75,3 +75,60 @@ def test_compose_example_passes_the_secret_as_a_file() -> None:
     assert service["secrets"] == ["client_secret"]
     assert "client_secret_file: /run/secrets/client_secret" in (REPO / "docker-compose.example.yml").read_text()
     assert int(service["stop_grace_period"].rstrip("s")) > ServiceConfig().shutdown_grace_s
+
+
+PROMETHEUS = REPO / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (`make test` installs it)")
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check() -> None:
+    assert PROMTOOL is not None
+    done = subprocess.run([PROMTOOL, "check", "rules", "alerts.yml"], cwd=PROMETHEUS, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_promtool
+def test_alert_rules_pass_their_unit_tests() -> None:
+    assert PROMTOOL is not None
+    done = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_is_unit_tested_firing() -> None:
+    """Each rule in alerts.yml has at least one rule test in which it fires."""
+    import yaml
+    rules = {r["alert"] for g in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    fired = {case["alertname"] for t in tests for case in t["alert_rule_test"] if case.get("exp_alerts")}
+    assert rules == fired
+
+
+def test_the_container_lock_pins_every_dependency_with_hashes() -> None:
+    """requirements.lock (make lock) satisfies pyproject.toml and pins each package with its hashes;
+    the Dockerfile installs from it and nothing else."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    text = (REPO / "requirements.lock").read_text()
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        line = block.splitlines()[0]
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, version = line.split(";")[0].strip(" \\").partition("==")
+        assert version, f"not pinned: {line}"
+        assert "--hash=sha256:" in block, f"no hash: {line}"
+        pins[name.lower().replace("_", "-")] = version
+    for spec in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(spec)
+        assert req.name.lower() in pins, f"{req.name} is not in requirements.lock: run make lock"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} breaks {spec}"
+    assert "dumb-init" in pins
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "--require-hashes --no-deps -r requirements.lock" in dockerfile
+    assert "--no-index --no-deps --no-build-isolation ." in dockerfile

@@ -1,14 +1,25 @@
-"""Logging: secrets never reach a rendered line; exceptions are bounded and carry no locals."""
+"""Logging: secrets never reach a rendered line; exceptions are bounded and carry no locals; every line
+is one JSON object, stdlib records (aiohttp's) included; under journald each line carries its priority."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import structlog
 
-from daemon.logs import REDACTED, configure_logging, redact_text, remember_secret
+from daemon.logs import REDACTED, configure_logging, journal_priority, redact_text, remember_secret, under_journald
+from tests.conftest import REPO, cli_env, simulator_subprocess, write_config
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -71,3 +82,91 @@ def test_json_format_is_one_object_per_line_with_level_and_time() -> None:
     assert event["event"] == "config.warning"
     assert event["level"] == "warning"
     assert "timestamp" in event
+    assert event["logger"] == "test"
+
+
+def test_stdlib_records_become_json_lines_with_logger_and_redaction() -> None:
+    out, _ = _render("json")
+    try:
+        raise ValueError("bad request line with access_token=STDLIB-TOKEN")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.1")
+    logging.getLogger("asyncio").warning("plain %s", "warning")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["logger"], e["level"]) for e in events] == [("aiohttp.server", "error"), ("asyncio", "warning")]
+    assert events[0]["event"] == "Error handling request from 127.0.0.1"
+    assert "ValueError" in events[0]["exception"] and "STDLIB-TOKEN" not in out.getvalue()
+    assert "timestamp" in events[1]
+
+
+@pytest.mark.parametrize(("level", "priority"), [
+    ("critical", 2), ("error", 3), ("exception", 3), ("warning", 4), ("info", 6), ("debug", 7), ("odd", 5)])
+def test_levels_map_to_syslog_priorities(level: str, priority: int) -> None:
+    assert journal_priority(level) == priority
+
+
+def test_journal_stream_counts_only_for_the_stream_it_names(tmp_path: Path) -> None:
+    with (tmp_path / "a").open("w") as a, (tmp_path / "b").open("w") as b:
+        st = os.fstat(a.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert under_journald(a, env) and not under_journald(b, env)
+        assert not under_journald(a, {}) and not under_journald(a, {"JOURNAL_STREAM": "junk"})
+        assert not under_journald(io.StringIO(), env)
+
+
+_EMIT = """
+import logging, structlog
+from daemon.logs import configure_logging
+configure_logging("auto", "info")
+structlog.get_logger("daemon.test").info("archive.ok")
+structlog.get_logger("daemon.test").error("archive.broken")
+logging.getLogger("aiohttp.server").warning("from the stdlib")
+"""
+
+
+def test_under_journald_every_line_starts_with_its_priority(tmp_path: Path) -> None:
+    """What `journalctl -p err` relies on: journald reads "<3>" as the priority of that line."""
+    path = tmp_path / "journal"
+    with path.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        env = cli_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        subprocess.run([sys.executable, "-c", _EMIT], stderr=stream, env=env, cwd=REPO, check=True, timeout=30)
+    lines = path.read_text().splitlines()
+    assert [line[:3] for line in lines] == ["<6>", "<3>", "<4>"]
+    assert [json.loads(line[3:])["event"] for line in lines] == ["archive.ok", "archive.broken", "from the stdlib"]
+    # Elsewhere (a pipe, a file of one's own): plain JSON lines.
+    done = subprocess.run([sys.executable, "-c", _EMIT], capture_output=True, text=True, cwd=REPO, check=True,
+                          timeout=30, env=cli_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"))
+    assert [json.loads(line)["level"] for line in done.stderr.splitlines()] == ["info", "error", "warning"]
+
+
+def test_a_bad_request_to_the_health_port_logs_json_not_a_traceback(tmp_path: Path) -> None:
+    """aiohttp logs "Error handling request" with a traceback through the stdlib: one JSON line."""
+    with simulator_subprocess("--count", "1") as base_url:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = write_config(tmp_path, base_url, extra={"service": {"listen": f"127.0.0.1:{port}"}})
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO, env=cli_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"GET /\x00bad HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert conn.recv(100).startswith(b"HTTP/1.0 400")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in err.splitlines()]   # every line, or this raises
+    bad = [e for e in events if e.get("logger") == "aiohttp.server"]
+    assert bad and bad[0]["level"] == "error" and "Error handling request" in bad[0]["event"]
+    assert "InvalidURLError" in bad[0]["exception"]
+    assert {e["logger"] for e in events} >= {"daemon.runner", "daemon.service", "aiohttp.server"}

@@ -118,9 +118,22 @@ check "keeps its HEALTHCHECK ($hc)" grep -q '"Test":\["CMD","yeastar-archiver","
 ep=$(podman image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
 check "exec-form entrypoint behind an init ($ep)" test "$ep" = '["dumb-init","--","yeastar-archiver"]'
 check "the archiver answers inside the image" quiet podman run --rm "$IMAGE" --version
+freeze=$(quiet podman run --rm --entrypoint /opt/yeastar-archiver/bin/pip "$IMAGE" freeze --all)
+check "every package in the image is the one pinned in requirements.lock" "$PY" - "$freeze" <<'PYCHECK'
+import re, sys
+pinned = {m[1].lower().replace("_", "-"): m[2] for m in re.finditer(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", open("requirements.lock").read())}
+lines = sys.argv[1].splitlines()
+installed = dict(line.split("==", 1) for line in lines if "==" in line)
+extra = {n: v for n, v in installed.items() if n.lower() != "pip" and pinned.get(n.lower().replace("_", "-")) != v}
+ours = [line for line in lines if line.startswith("yeastar-archiver @ ") or line.startswith("yeastar_archiver @ ")]
+print(f"{len(installed)} pinned packages installed; not as pinned: {extra}; the archiver: {ours}", file=sys.stderr)
+sys.exit(1 if extra or not ours else 0)
+PYCHECK
 
 # ---------------------------------------------------------------- a real archive run
-"$PY" -m daemon simulate --port 0 --count 40 --size-min 200000 --size-max 900000 --bytes-per-second 1500000 \
+# Paced at 0.5 MB/s per transfer, so that the last ten recordings stay in flight for seconds:
+# long enough for the SIGTERM below to land while they are (a `podman exec` poll takes ~1 s).
+"$PY" -m daemon simulate --port 0 --count 40 --size-min 200000 --size-max 900000 --bytes-per-second 500000 \
     >"$WORK/sim.out" 2>"$WORK/sim.err" &
 SIM_PID=$!
 for _ in $(seq 100); do grep -q 'listening on' "$WORK/sim.out" 2>/dev/null && break; sleep 0.1; done
@@ -163,7 +176,8 @@ for _ in $(seq 100); do [ "$(counts in_progress)" != 0 ] && break; sleep 0.05; d
 check "transfers were in flight when stopped" test "$(counts in_progress)" != 0
 quiet podman stop -t 40 "$cid" >/dev/null
 check "exit code 0 after SIGTERM" test "$(podman inspect --format '{{.State.ExitCode}}' "$cid")" = 0
-quiet podman logs "$cid" > "$WORK/archiver.log" 2>&1 || true
+# Not through quiet(): its filter writes asynchronously, and the grep below must see the whole log.
+podman logs "$cid" > "$WORK/archiver.log" 2>&1 || true
 check "the stop went through the graceful shutdown" grep -q '"event": "shutdown.draining"' "$WORK/archiver.log"
 check "no partial file under a final name; every archived file byte-identical" \
   "$PY" - "$V/recordings" <<'PYCHECK'

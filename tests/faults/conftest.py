@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -74,6 +75,16 @@ class FaultRun:
         self.outputs += [self.logs.getvalue(), status.stdout, status.stderr]
         self.assert_no_secrets()
 
+    def assert_logs_are_json(self) -> None:
+        """Logs are data: every line captured, the standard library's (aiohttp's) included, is one
+        JSON object with an event, a level and the logger that wrote it."""
+        for number, line in enumerate(self.logs.getvalue().splitlines(), 1):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                raise AssertionError(f"log line {number} is not JSON: {line[:200]!r}") from None
+            assert isinstance(event, dict) and {"event", "level", "logger"} <= event.keys(), line[:200]
+
     def assert_no_secrets(self) -> None:
         secrets = [self.secret, *self.sim.tokens, *(t.refresh_token for t in self.sim.tokens.values())]
         text = "\n".join([self.logs.getvalue(), *self.outputs])
@@ -89,6 +100,8 @@ async def fault_run(tmp_path: Path) -> AsyncIterator[FaultRun]:
     await sim.start()
     raw = RawPbx(sim)
     await raw.start()
-    yield FaultRun(sim=sim, raw=raw, tmp=tmp_path, secret=secret)
+    run = FaultRun(sim=sim, raw=raw, tmp=tmp_path, secret=secret)
+    yield run
     await raw.stop()
     await sim.stop()
+    run.assert_logs_are_json()
