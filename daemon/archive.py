@@ -55,13 +55,37 @@ def audio_ext(name: str | None, default: str = "wav") -> str:
     return default
 
 
+def sniff_format(head: bytes) -> str | None:
+    """``wav`` for a RIFF/WAVE header, ``mp3`` for an ID3 tag or an MPEG audio frame sync, else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0):
+        return "mp3"
+    return None
+
+
 def looks_like_audio(head: bytes) -> bool:
     """True for a RIFF/WAVE header, an ID3 tag or an MPEG audio frame sync."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return True
-    if head[:3] == b"ID3":
-        return True
-    return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+    return sniff_format(head) is not None
+
+
+_CONTENT_TYPES = {"audio/mpeg": "mp3", "audio/mp3": "mp3", "audio/mpeg3": "mp3", "audio/x-mpeg-3": "mp3",
+                  "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/vnd.wave": "wav"}
+
+
+def served_format(head: bytes, content_type: str | None, hint: str | None) -> str | None:
+    """The format of what the PBX served: its first bytes say it best, then its Content-Type, then
+    ``hint`` (the download URL's or the told name's extension). Pure."""
+    return sniff_format(head) or _CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower()) or hint
+
+
+def with_format(name: str, fmt: str | None) -> str:
+    """``name`` with the extension of ``fmt``: a PBX that stores wav and serves mp3 tells the .wav
+    name, and the archived file is named by what it holds. Pure."""
+    if fmt not in ("wav", "mp3") or not name or audio_ext(name, default="") == fmt:
+        return name
+    stem = name[:-4] if name.lower().endswith(AUDIO_EXTS) else name
+    return f"{stem}.{fmt}"
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class Naming:
     rec_id: int | None
     file: str | None
     call_type: str | None = None
+    pbx_sn: str | None = None
 
 
 def final_relpath(layout: str, naming: Naming, now_utc: dt.datetime) -> PurePosixPath:
@@ -100,6 +125,8 @@ def final_relpath(layout: str, naming: Naming, now_utc: dt.datetime) -> PurePosi
         "id": str(naming.rec_id) if naming.rec_id is not None else file.rsplit(".", 1)[0],
         "year": year, "month": month, "day": day,
         "call_type": naming.call_type if naming.call_type in CALL_TYPES else "unknown",
+        "pbx_sn": naming.pbx_sn if naming.pbx_sn and SAFE_NAME.match(naming.pbx_sn) and naming.pbx_sn[0] != "."
+        else "unknown-pbx",
     }
     rel = PurePosixPath(layout.format(**values))
     parts = rel.parts
@@ -112,10 +139,10 @@ SIDECAR_META = ("uid", "time", "call_from", "call_to", "call_type", "duration")
 
 
 def sidecar_data(*, rec_id: int | None, file: str | None, size: int, sha256: str, archived_at: float,
-                 meta: dict[str, Any]) -> dict[str, Any]:
+                 meta: dict[str, Any], pbx_sn: str | None = None) -> dict[str, Any]:
     """The sidecar JSON of an archived recording: what is known of it, nothing made up. Pure."""
     known: dict[str, Any] = {
-        "id": rec_id, "file": file, "size": size, "sha256": sha256,
+        "id": rec_id, "file": file, "size": size, "sha256": sha256, "pbx_sn": pbx_sn,
         "archived_at": dt.datetime.fromtimestamp(archived_at, dt.UTC).isoformat(timespec="seconds"),
         **{k: meta.get(k) for k in SIDECAR_META},
     }

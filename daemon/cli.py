@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("run", cmd_run, "the daemon: archive everything queued and keep watching, until SIGTERM")
-    command("once", cmd_once, "archive everything queued now, then exit (1 if any recording failed)")
+    new_pbx = "record this PBX's serial as the ledger's (the PBX was replaced); without it a different serial is exit 2"
+    command("run", cmd_run, "the daemon: archive everything queued and keep watching, until SIGTERM").add_argument(
+        "--new-pbx", action="store_true", help=new_pbx)
+    command("once", cmd_once, "archive everything queued now, then exit (1 if any recording failed)").add_argument(
+        "--new-pbx", action="store_true", help=new_pbx)
     command("status", cmd_status, "counts and recent failures from the ledger (works while run runs)").add_argument(
         "--json", action="store_true", help="one JSON object")
     command("enqueue", cmd_enqueue, "add recordings by id or file name (idempotent)").add_argument(
@@ -130,6 +133,31 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-every", type=float, default=0.0, help="a new recording every S seconds (0: never) [0]")
     p.add_argument("--fail-ids", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(),
                    metavar="ID,ID", help="recordings whose recording/download always answers HTTP 500")
+    # What a real PBX may do (each off by default).
+    p.add_argument("--page-cap", type=int, default=0, metavar="N", help="at most N items per page, whatever was asked")
+    p.add_argument("--page-cap-offsets", choices=("capped", "asked"), default="capped",
+                   help="with --page-cap: page numbers count capped pages, or the page_size asked [capped]")
+    p.add_argument("--close-after-response", action="store_true",
+                   help="one answer per TCP connection; a request on a reused connection is dropped")
+    p.add_argument("--cleanup-on-list", type=int, default=0, metavar="K",
+                   help="Auto Cleanup: delete the K oldest recordings after each recording/list answer")
+    p.add_argument("--late", default="0:0", metavar="N:S",
+                   help="the newest N recordings are not ready (absent, 60001) for S seconds after start")
+    p.add_argument("--event-early", type=float, default=0.0, metavar="S",
+                   help="a new recording's 30012 event comes S seconds before its file is ready")
+    p.add_argument("--mp3-transcode", choices=("", "wav-name", "mp3-name"), default="",
+                   help="recordings stored as wav, downloaded as mp3; recording/download tells the .wav or .mp3 name")
+    p.add_argument("--mp3-busy-answer", choices=("70082", "503", "-2", "wait"), default="70082",
+                   help="what a second concurrent request gets in mp3 mode [70082]")
+    p.add_argument("--expired-url-answer", choices=("404", "403", "410", "60001"), default="404",
+                   help="what an expired file URL answers [404]")
+    p.add_argument("--api-version-error", type=int, choices=(0, 10002, 10003), default=0,
+                   help="every API call answers this errcode [0: off]")
+    p.add_argument("--idle-drop", type=float, default=d.ws_idle_s, metavar="S",
+                   help=f"drop a WebSocket whose client sent no heartbeat for S seconds [{d.ws_idle_s:g}]")
+    p.add_argument("--block-expire", type=float, default=0.0, metavar="S",
+                   help="70004 carries block_expire_time S seconds ahead, and the IP block lifts then [0: never]")
+    p.add_argument("--sn", default=d.sn, help=f"the PBX serial system/information tells [{d.sn}]")
 
 
 def simulator_options(args: argparse.Namespace) -> SimOptions:
@@ -142,7 +170,12 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
         cut_rate=args.cut_rate, stall_rate=args.stall_rate, json_body_rate=args.json_body_rate,
         url_expired_rate=args.url_expired_rate, bytes_per_second=args.bytes_per_second,
         new_every_s=args.new_every, fail_ids=args.fail_ids,
-        stall_s=args.stall_s,
+        stall_s=args.stall_s, page_cap=args.page_cap, page_cap_offsets=args.page_cap_offsets,
+        close_after_response=args.close_after_response, cleanup_on_list=args.cleanup_on_list,
+        late_count=int(args.late.partition(":")[0] or 0), late_s=float(args.late.partition(":")[2] or 0),
+        event_early_s=args.event_early, mp3_transcode=args.mp3_transcode, mp3_busy_answer=args.mp3_busy_answer,
+        expired_url_answer=args.expired_url_answer, api_version_error=args.api_version_error,
+        ws_idle_s=args.idle_drop, block_expire_s=args.block_expire, sn=args.sn,
     )
 
 
@@ -193,11 +226,15 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
 
 # ---------------------------------------------------------------- check
 async def check_pbx(cfg: Config) -> str:
-    """Log in, list one recording, revoke the token; returns a one-line report. Raises ArchiverError."""
+    """Log in, read which PBX it is, list one recording, revoke the token; returns a one-line report.
+    Raises ArchiverError."""
     from daemon.client import PbxClient
     async with PbxClient(cfg.pbx, read_timeout_s=cfg.downloads.read_timeout_s) as client:
+        info = await client.system_info()
         page = await client.check()
-    return (f"logged in to {cfg.pbx.base_url} as {cfg.pbx.client_id!r}; "
+    who = (f"PBX serial {info.get('sn', '?')}, firmware {info.get('firmware_version', '?')}" if info
+           else "the PBX does not tell its serial (no system/information)")
+    return (f"logged in to {cfg.pbx.base_url} as {cfg.pbx.client_id!r}; {who}; "
             f"{page.total} recordings on the PBX; token revoked")
 
 
@@ -317,7 +354,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
         # run ends only on SIGTERM/SIGINT: a PBX outage or a refused login leaves it up, not ready.
-        await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None, hurry=hurry)
+        await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None, hurry=hurry,
+                           new_pbx=args.new_pbx)
         return EXIT_OK
     return _guard_pipeline(lambda: _run_until_signal(main, reload=reload_event))
 
@@ -327,7 +365,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args)
 
     async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
-        result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry)
+        result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry,
+                                    new_pbx=args.new_pbx)
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
 
@@ -407,7 +446,7 @@ def _open_db(cfg: Config) -> LedgerDb:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.ledger import STATES
+    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES
     from daemon.logs import redact_text
     cfg = _load(args)
     if not cfg.state.path.exists():
@@ -419,6 +458,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             data = {
                 "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
+                "pbx": {"sn": db.kv_get(KV_PBX_SN), "firmware": db.kv_get(KV_PBX_FIRMWARE)},
                 "recent_failures": [{"recording": r.ref, "state": r.state, "attempts": r.attempts,
                                      "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
                 "ledger": str(cfg.state.path), "ledger_exists": True,
@@ -430,6 +470,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     c = data["counts"]
     print(f"ledger: {data['ledger']}")
+    pbx = data.get("pbx") or {}
+    if pbx.get("sn"):
+        print(f"  PBX serial {pbx['sn']}, firmware {pbx.get('firmware') or '?'}")
     print("  " + "  ".join(f"{state}: {c[state]}" for state in STATES))
     print(f"  archived: {data['bytes_archived'] / 1e6:.1f} MB")
     disc = data.get("discovery") or {}

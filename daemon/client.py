@@ -54,34 +54,67 @@ API_READ_BYTES = 256 * 1024
 POOL_SPARE = 8                   # connections beyond one per worker: API calls, discovery, the probe
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
+# The PBX refuses us (exit 3): only its administrator can change that, and retrying bad
+# credentials gets the IP blocked.
 _FATAL_ERRCODES = {
-    10001: "the PBX does not know this API endpoint: check pbx.base_url and pbx.api_path, or the firmware is too old",
-    10005: "the API application lacks a permission (ACCESS DENIED): grant it recording access in the PBX portal",
     70004: "the PBX has BLOCKED this client IP after failed logins: an administrator must unblock it",
     70087: "this client IP is not on the PBX API allow-list (IP FORBIDDEN): add it in the PBX portal",
+}
+# The PBX says the request itself does not fit it (exit 2): a configuration change fixes it.
+_CONFIG_ERRCODES = {
+    10001: "the PBX does not know this API endpoint (INTERFACE NOT EXISTED): check pbx.base_url and "
+           "pbx.api_path, or the firmware is too old",
+    10002: "the PBX no longer maintains this API version (API VERSION OUT OF MAINTENANCE): set pbx.api_path "
+           "to a version it serves",
+    10003: "the PBX does not support this API version (API VERSION UNSUPPORTED): set pbx.api_path to a version "
+           "it serves",
+    10005: "the API application lacks a permission (ACCESS DENIED): grant it recording access in the PBX portal",
+    70084: "the API application may not do this (ACTION FORBIDDEN): check its permissions in the PBX portal",
     70123: "the Open API is disabled on the PBX (API UNAVAILABLE): enable it in the PBX portal",
 }
+BLOCK_WAIT_CAP_S = 86400.0
+
+
+def block_wait_s(block_expire_time: Any, now_wall: float) -> float | None:
+    """Seconds until an IP block lifts, from 70004's ``block_expire_time`` (a Unix time, or seconds
+    to go; the guide does not say which): None when absent or unusable, capped at a day. Pure."""
+    if isinstance(block_expire_time, bool) or not isinstance(block_expire_time, int | float | str):
+        return None
+    try:
+        value = float(block_expire_time)
+    except ValueError:
+        return None
+    if value <= 0:
+        return None
+    left = value - now_wall if value > 1e9 else value
+    return min(max(0.0, left), BLOCK_WAIT_CAP_S)
 
 
 def error_for_errcode(errcode: int, errmsg: str, *, login: bool = False, recording: str | None = None,
-                      token_limit_backoff_s: float = 600.0) -> ArchiverError:
+                      token_limit_backoff_s: float = 600.0, block_wait: float | None = None) -> ArchiverError:
     """The exception that carries the right decision for a non-zero errcode. Pure; tested as a table."""
     msg = f"PBX answered {errmsg or 'an error'}"
     if errcode == -1 and login:
         return FatalAuthError("the PBX rejected the client id or secret (pbx.client_id / pbx.client_secret); "
                               "not retrying: 5 failed logins block this IP", errcode=errcode)
+    if errcode in _CONFIG_ERRCODES:
+        return PbxConfigError(_CONFIG_ERRCODES[errcode], errcode=errcode)
     if errcode in _FATAL_ERRCODES:
-        return FatalAuthError(_FATAL_ERRCODES[errcode], errcode=errcode)
+        text = _FATAL_ERRCODES[errcode]
+        if errcode == 70004 and block_wait is not None:
+            text += f" (the PBX lifts the block in {block_wait:.0f} s)"
+        return FatalAuthError(text, errcode=errcode, retry_after_s=block_wait if errcode == 70004 else None)
     if errcode == 10004:
         return TokenExpiredError(msg, errcode=errcode, recording=recording)
-    if errcode in (40001, 40002):
+    if errcode in (40001, 40002, 40003, 40004):
         return RequestRejectedError(msg, errcode=errcode, recording=recording)
     if errcode == 60001:
         return RecordingMissingError("the PBX no longer has this recording", errcode=errcode, recording=recording)
-    if errcode == 60002:
+    if errcode == 60002 and login:
         return TokenLimitError("the PBX's limit of 8 access tokens for this application is reached",
                                errcode=errcode, retry_after_s=token_limit_backoff_s)
-    # -1 outside login, -2, 2 PROCESSING, 70082 OVERLOAD and any errcode not documented: retry later.
+    # -1 outside login, -2, 2 PROCESSING, 60002 outside login (a general quantity limit), 70082
+    # OVERLOAD and any errcode not documented: retry later.
     return PbxBusyError(msg, errcode=errcode, recording=recording)
 
 
@@ -211,6 +244,14 @@ def translate_errors(what: str, *, in_body: bool = False, recording: str | None 
         raise PbxUnavailableError(f"{what}: {type(exc).__name__}: {_short(str(exc))}", recording=recording) from exc
 
 
+def stale_connection(exc: BaseException) -> bool:
+    """True when ``exc`` (from ``translate_errors``) is a connection that was dropped before any answer
+    came — what a pooled keep-alive socket the PBX already closed gives — not a refused connect."""
+    cause = exc.__cause__
+    return isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and \
+        not isinstance(cause, aiohttp.ClientConnectorError)
+
+
 class Pacer:
     """Spaces API calls at most ``rate`` per second on the injected clock."""
 
@@ -242,6 +283,12 @@ class DownloadUrl:
     url: str
     issued_at: float
     expires_at: float
+
+    @property
+    def format_hint(self) -> str | None:
+        """``wav``/``mp3`` from the download URL's own extension (the PBX names it after what it serves)."""
+        path = urlsplit(self.url).path.lower()
+        return "mp3" if path.endswith(".mp3") else "wav" if path.endswith(".wav") else None
 
 
 @dataclass
@@ -287,6 +334,7 @@ class FileStream:
         self.start = start
         self.total = total
         self.length = response.content_length
+        self.content_type = response.headers.get("Content-Type")
         self._response = response
         self._first = first
         self._recording = recording
@@ -509,6 +557,8 @@ class PbxClient:
         self.tokens = TokenManager(self, cfg, self.clock, token_store)
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        self.connection_retries = 0
         self.health = PbxHealth()
         self._events_ws: aiohttp.ClientWebSocketResponse | None = None
         self.errcodes: Counter[int] = Counter()
@@ -524,8 +574,16 @@ class PbxClient:
         return ssl.create_default_context(cafile=ca)
 
     async def __aenter__(self) -> PbxClient:
+        ssl_ctx = self._ssl()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=self._pool_size),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=self._pool_size),
+            headers={"User-Agent": self.cfg.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[_RedirectGuard(self.cfg.base_url).config()],
+        )
+        # No keep-alive: for logins and for a request that met a connection the PBX had closed.
+        self._fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=self._pool_size, force_close=True),
             headers={"User-Agent": self.cfg.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[_RedirectGuard(self.cfg.base_url).config()],
@@ -551,6 +609,9 @@ class PbxClient:
         finally:
             await self._session.close()
             self._session = None
+            if self._fresh is not None:
+                await self._fresh.close()
+                self._fresh = None
 
     @property
     def events_connected(self) -> bool:
@@ -563,21 +624,45 @@ class PbxClient:
             raise RuntimeError("PbxClient used outside 'async with'")
         return self._session
 
+    @property
+    def fresh_session(self) -> aiohttp.ClientSession:
+        """A session whose every request gets a new connection."""
+        if self._fresh is None:
+            raise RuntimeError("PbxClient used outside 'async with'")
+        return self._fresh
+
     # ---------------------------------------------------------------- API calls
     async def call_raw(self, endpoint: str, body: dict[str, Any] | None, *, params: dict[str, str] | None = None,
                        method: str = "POST", login: bool = False, recording: str | None = None) -> dict[str, Any]:
-        """One paced API request without token handling. Returns the envelope when errcode is 0."""
+        """One paced API request without token handling. Returns the envelope when errcode is 0 (or 1,
+        PARTIAL SUCCESS: the caller checks that what it needs is there).
+
+        A POST (a login, a token refresh) always goes on a connection of its own: the PBX closes each
+        connection after its answer, and a POST lost on a stale one must not be sent twice (a second
+        login could count against the 8-token limit). A GET lost on a stale pooled connection is sent
+        once more on a fresh one before it counts as trouble."""
         await self.pacer.wait()
         url = f"{self.cfg.api_base}/{endpoint}"
-        try:
-            with translate_errors(endpoint, recording=recording):
-                async with self.session.request(method, url, params=params, json=body, allow_redirects=False,
-                                                timeout=self._api_timeout) as resp:
-                    self._raise_for_http(resp, endpoint, recording)
-                    raw = await _read_capped(resp, endpoint, recording)
-        except (PauseError, PbxBusyError, PbxConfigError) as exc:
-            self._unhealthy(exc)
-            raise
+        fresh = method != "GET"
+        while True:
+            session = self.fresh_session if fresh else self.session
+            try:
+                with translate_errors(endpoint, recording=recording):
+                    async with session.request(method, url, params=params, json=body, allow_redirects=False,
+                                               timeout=self._api_timeout) as resp:
+                        self._raise_for_http(resp, endpoint, recording)
+                        raw = await _read_capped(resp, endpoint, recording)
+                break
+            except PbxUnavailableError as exc:
+                if not fresh and stale_connection(exc):
+                    self._stale_connection(endpoint)
+                    fresh = True
+                    continue
+                self._unhealthy(exc)
+                raise
+            except (PauseError, PbxBusyError, PbxConfigError) as exc:
+                self._unhealthy(exc)
+                raise
         self.health.ok_at = self.clock.monotonic()
         try:
             data = json.loads(raw)
@@ -587,14 +672,23 @@ class PbxClient:
         if not isinstance(data, dict) or "errcode" not in data:
             raise PbxBusyError(f"{endpoint}: the PBX answered JSON without an errcode", recording=recording)
         errcode = _int_or(data.get("errcode"), -2)
-        if errcode != 0:
+        if errcode == 1:
+            log.warning("pbx.partial_success", endpoint=endpoint, errmsg=str(data.get("errmsg", ""))[:200])
+        elif errcode != 0:
             self.errcodes[errcode] += 1
             error = error_for_errcode(errcode, str(data.get("errmsg", "")), login=login, recording=recording,
-                                      token_limit_backoff_s=self.cfg.token_limit_backoff_s)
+                                      token_limit_backoff_s=self.cfg.token_limit_backoff_s,
+                                      block_wait=block_wait_s(data.get("block_expire_time"), self.clock.wall()))
             if isinstance(error, PbxBusyError | FatalAuthError | TokenLimitError):
                 self._unhealthy(error)
             raise error
         return data
+
+    def _stale_connection(self, what: str) -> None:
+        self.connection_retries += 1
+        if self.connection_retries == 1:
+            log.info("pbx.closes_connections", endpoint=what,
+                     action="a request lost on a connection the PBX had closed is sent again on a fresh one")
 
     def _unhealthy(self, exc: Exception) -> None:
         self.health.error_at = self.clock.monotonic()
@@ -664,7 +758,8 @@ class PbxClient:
     # ---------------------------------------------------------------- file transfer
     @contextlib.asynccontextmanager
     async def open_file(self, url: str, *, offset: int = 0, recording: str | None = None,
-                        meter: Callable[[int], None] | None = None) -> AsyncIterator[FileStream]:
+                        meter: Callable[[int], None] | None = None,
+                        on_headers: Callable[[str | None], None] | None = None) -> AsyncIterator[FileStream]:
         """Open a download URL, asking for bytes from ``offset`` on when it is > 0. ``meter`` is told
         the size of every read of the body (the envelope peek included), and may raise to abort it.
 
@@ -676,14 +771,20 @@ class PbxClient:
         token_retried = False
         use_range = offset > 0
         count = meter or _ignore
+        fresh = False
         while True:
             token = await self.tokens.token()
             headers = {"Range": f"bytes={offset}-"} if use_range else {}
             try:
                 with translate_errors("file download", recording=recording):
-                    resp = await self.session.get(url, params={"access_token": token}, headers=headers,
-                                                  allow_redirects=False, timeout=self._file_timeout)
+                    resp = await (self.fresh_session if fresh else self.session).get(
+                        url, params={"access_token": token}, headers=headers, allow_redirects=False,
+                        timeout=self._file_timeout)
             except PbxUnavailableError as exc:
+                if not fresh and stale_connection(exc):
+                    self._stale_connection("file download")
+                    fresh = True
+                    continue
                 self._unhealthy(exc)
                 raise
             async with resp:
@@ -707,6 +808,8 @@ class PbxClient:
                         use_range = False
                         continue
                     start = offset
+                if on_headers is not None:
+                    on_headers(resp.headers.get("Content-Type"))
                 # A 206 body starts mid-recording, where any byte may stand: never read it as an envelope.
                 first = await self._peek_envelope(resp, recording, count) if resp.status == 200 else b""
                 if first is None:
@@ -762,6 +865,12 @@ class PbxClient:
                 self.errcodes[errcode] += 1
                 if errcode == 10004:
                     return None
+                if errcode == 60001:
+                    # Said by the file URL, "not found" may be the URL rather than the recording (what an
+                    # expired URL answers is not documented): a new URL is asked for, and
+                    # recording/download decides whether the recording is gone.
+                    raise UrlExpiredError("the download URL answered DATA NOT FOUND", errcode=errcode,
+                                          recording=recording)
                 raise error_for_errcode(errcode, str(data.get("errmsg", "")), recording=recording,
                                         token_limit_backoff_s=self.cfg.token_limit_backoff_s)
         if head == b"<":
@@ -796,15 +905,20 @@ class PbxClient:
         async with ws:
             await ws.send_str(json.dumps({"topic_list": topics}))
             log.info("events.subscribed", topics=topics)
-            if on_subscribed is not None:
-                on_subscribed()
+            # The PBX drops a socket on which the client sent nothing for 60 s, however many events
+            # it sends itself: the heartbeat goes on a timer, never only when idle.
+            next_beat = self.clock.monotonic() + heartbeat_s
             while self.clock.monotonic() < deadline:
                 with translate_errors("event subscription"):
                     try:
-                        msg = await ws.receive(timeout=heartbeat_s)
+                        msg = await ws.receive(timeout=max(0.0, next_beat - self.clock.monotonic()))
                     except TimeoutError:
+                        msg = None
+                    if self.clock.monotonic() >= next_beat:
                         await ws.send_str("heartbeat")
-                        continue
+                        next_beat = self.clock.monotonic() + heartbeat_s
+                if msg is None:
+                    continue
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     text = str(msg.data)
                     if text.strip().lower().startswith("heartbeat"):
@@ -814,11 +928,33 @@ class PbxClient:
                     except json.JSONDecodeError:
                         log.warning("events.unreadable", size=len(text))
                         continue
+                    if isinstance(event, dict) and "errcode" in event and "type" not in event:
+                        # The answer to the subscription: SUCCESS, or why not.
+                        errcode = _int_or(event.get("errcode"), -2)
+                        if errcode != 0:
+                            if errcode == 10004:
+                                self.tokens.invalidate(token)
+                            raise error_for_errcode(errcode, str(event.get("errmsg", "")))
+                        if on_subscribed is not None:
+                            on_subscribed()
+                        continue
                     if isinstance(event, dict):
                         yield event
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
                                   aiohttp.WSMsgType.ERROR):
                     raise PbxUnavailableError("the PBX closed the event subscription")
+
+    async def system_info(self) -> dict[str, Any] | None:
+        """``system/information``: the PBX's serial (``sn``), firmware and date format; None when the
+        firmware does not offer the endpoint (10001)."""
+        try:
+            data = await self.call("system/information")
+        except PbxConfigError as exc:
+            if exc.errcode == 10001:
+                return None
+            raise
+        return {k: data.get(k) for k in ("sn", "firmware_version", "system_date_format", "system_time_format")
+                if isinstance(data.get(k), str) and data.get(k)}
 
     async def check(self) -> RecordingPage:
         """Log in and list one recording: proves URL, TLS, credentials and permission."""

@@ -21,7 +21,7 @@ from daemon.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
 CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{file}"
-LAYOUT_FIELDS = frozenset({"file", "stem", "ext", "id", "year", "month", "day", "call_type"})
+LAYOUT_FIELDS = frozenset({"file", "stem", "ext", "id", "year", "month", "day", "call_type", "pbx_sn"})
 MAX_WORKERS = 64
 # Keys whose values are never echoed in a problem: they are credentials. URLs are echoed only when
 # they carry no user:password@ and no query (webhook URLs of chat services are credentials too).
@@ -105,6 +105,7 @@ class SourcesConfig:
     queue_file: Path | None = None
     queue_poll_interval_s: float = 1.0
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
+    missing_grace_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -484,13 +485,15 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     ids = src.get("ids", _ids, no_ids, "a list of positive recording ids such as [1727, 1728]")
     queue_file = src.path_value("queue_file", None, "a path to the queue file")
     queue_poll = src.get("queue_poll_interval_s", _number, 1.0, "seconds > 0", check=positive)
+    missing_grace = src.get("missing_grace_s", _number, 600.0, "seconds >= 0", check=non_negative)
     discover = _discover(src.section("discover"))
     src.finish()
 
     arc = top.section("archive")
     archive_dir = arc.path_value("dir", _MISSING, "the folder the recordings are archived in")
     layout = arc.get("layout", _layout, DEFAULT_LAYOUT,
-                     "a relative path template using only {file} {stem} {ext} {id} {year} {month} {day} {call_type}")
+                     "a relative path template using only {file} {stem} {ext} {id} {year} {month} {day} {call_type} "
+                     "{pbx_sn}")
     sidecar = arc.get("sidecar", _bool, True, "true or false")
     min_free = arc.get("min_free_bytes", _int, 256 * 1024 * 1024, "bytes >= 0", check=non_negative)
     arc.finish()
@@ -568,7 +571,8 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
             token_refresh_margin_s=token_refresh_margin_s, token_limit_backoff_s=token_limit_backoff_s,
             auth_retry_interval_s=auth_retry_interval_s,
         ),
-        sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll, discover=discover),
+        sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll, discover=discover,
+                              missing_grace_s=missing_grace),
         archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free),
         state=StateConfig(path=state_path),
         downloads=downloads,

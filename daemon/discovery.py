@@ -13,7 +13,7 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ KV_LAST_POLL = "discover.last_poll_at"
 KV_LAST_EVENT = "discover.last_event_at"
 KV_LAST_SWEEP = "discover.last_sweep_at"
 EVENT_NEW_CDR = 30012
+SEARCH_BATCH = 50          # ids per recording/search call when confirming that recordings are gone
 _NAME_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})\d{6}-")
 _NAME_CALL_TYPE = re.compile(r"-(Inbound|Outbound|Internal)\.(?:wav|mp3)$")
 _META_TYPES: dict[str, type] = {"size": int, "duration": int, "time": str, "uid": str, "call_from": str,
@@ -99,21 +100,24 @@ def event_item(file: str) -> dict[str, Any]:
 
 @dataclass
 class Backfill:
-    """Progress of the first back-fill: the next page (by id, descending) and the id it started under."""
+    """Progress of the first back-fill: the next page (by id, descending, of ``size`` items) and the id
+    it started under."""
 
     page: int
     top: int
     done: bool
+    size: int = 0
 
     def dump(self) -> str:
-        return json.dumps({"page": self.page, "top": self.top, "done": self.done})
+        return json.dumps({"page": self.page, "top": self.top, "done": self.done, "size": self.size})
 
     @classmethod
     def load(cls, text: str | None) -> Backfill | None:
         if not text:
             return None
         data = json.loads(text)
-        return cls(page=int(data["page"]), top=int(data["top"]), done=bool(data["done"]))
+        return cls(page=int(data["page"]), top=int(data["top"]), done=bool(data["done"]),
+                   size=int(data.get("size") or 0))
 
 
 class Discovery:
@@ -127,6 +131,7 @@ class Discovery:
         self.clock = clock
         self.notify = notify
         self.loops = loops or Loops(clock)
+        self.page_size = cfg.page_size     # lowered to what the PBX really gives, once seen
         self._poke = asyncio.Event()
         self.polls = 0
 
@@ -153,30 +158,62 @@ class Discovery:
             return
         page = await self.client.list_recordings(page=1, page_size=1, sort_by="id", order_by="desc")
         top = page.items[0]["id"] if page.items else 0
-        await self._set(KV_BACKFILL, Backfill(page=1, top=top, done=top == 0).dump())
+        await self._set(KV_BACKFILL, Backfill(page=1, top=top, done=top == 0, size=self.page_size).dump())
         await self._set(KV_HIGH_WATER, str(top))
         log.info("discover.initialised", newest_id=top, recordings=page.total)
+
+    # ---------------------------------------------------------------- paging
+    async def _page(self, page_no: int) -> tuple[list[dict[str, Any]], bool]:
+        """One page of ``recording/list`` by id, newest first, as (items, capped). ``capped``: the PBX
+        gave fewer items than asked while it holds more — it caps page_size (the maximum is not
+        documented), and from now on pages are asked for in its size, so that page numbers mean the
+        same to both sides. Newest first, because Auto Cleanup deletes the oldest: that shifts no
+        earlier page, where oldest-first paging would skip what slides past it."""
+        size = self.page_size
+        page = await self.client.list_recordings(page=page_no, page_size=size, sort_by="id", order_by="desc")
+        capped = 0 < len(page.items) < size and page.total > (page_no - 1) * size + len(page.items)
+        if capped:
+            self.page_size = len(page.items)
+            log.warning("pbx.page_size_capped", asked=size, got=self.page_size,
+                        action=f"paging by {self.page_size} from now on")
+        return page.items, capped
+
+    async def _walk(self, *, first_page: int = 1, floor: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+        """Pages newest first, each id once, down to an empty page (never "fewer than asked": a capped
+        PBX gives fewer on every page) or to a page reaching ``floor``."""
+        seen_below: int | None = None  # the lowest id seen: anything at or above it came already
+        page_no = first_page
+        while True:
+            items, capped = await self._page(page_no)
+            if capped:
+                page_no = 1 if first_page == 1 else max(1, page_no - 1)  # start over in the PBX's size
+                continue
+            if not items:
+                return
+            fresh = [i for i in items if seen_below is None or i["id"] < seen_below]
+            if fresh:
+                seen_below = min(i["id"] for i in fresh)
+                yield fresh
+            if floor is not None and any(i["id"] <= floor for i in items):
+                return
+            page_no += 1
 
     # ---------------------------------------------------------------- polling
     async def poll_new(self) -> int:
         """Enqueue recordings newer than the high-water mark (minus the overlap). Returns how many were new."""
         high = int(await self._kv(KV_HIGH_WATER) or 0)
         floor = high - self.cfg.overlap_ids
-        newest, added, page_no = high, 0, 1
-        while True:
-            page = await self.client.list_recordings(page=page_no, page_size=self.cfg.page_size,
-                                                     sort_by="id", order_by="desc")
-            fresh = [item for item in page.items if item["id"] > floor]
+        newest, added, pages = high, 0, 0
+        async for items in self._walk(floor=floor):
+            pages += 1
+            fresh = [item for item in items if item["id"] > floor]
             added += await self._enqueue(fresh, "discover")
             newest = max([newest, *(item["id"] for item in fresh)])
-            if len(fresh) < len(page.items) or len(page.items) < self.cfg.page_size:
-                break
-            page_no += 1
         if newest > high:
             await self._set(KV_HIGH_WATER, str(newest))
         await self._set(KV_LAST_POLL, str(self.clock.wall()))
         self.polls += 1
-        log.info("discover.polled", added=added, high_water=newest, pages=page_no)
+        log.info("discover.polled", added=added, high_water=newest, pages=pages)
         return added
 
     # ---------------------------------------------------------------- back-fill
@@ -185,14 +222,23 @@ class Discovery:
         state = Backfill.load(await self._kv(KV_BACKFILL))
         if state is None or state.done:
             return True
-        page = await self.client.list_recordings(page=state.page, page_size=self.cfg.page_size,
-                                                 sort_by="id", order_by="desc")
+        if state.size == 0:            # written by an older version, which paged by the configured size
+            state.size = self.cfg.page_size
+        if state.size != self.page_size:
+            # Pages were counted in another size (a capped PBX, a changed page_size): start over,
+            # by id; what was enqueued already is known to the ledger.
+            state.page, state.size = 1, self.page_size
+        items, capped = await self._page(state.page)
+        if capped:
+            state.page, state.size = 1, self.page_size
+            await self._set(KV_BACKFILL, state.dump())
+            return False
         # Newer than the start: the poll covers those. Older than since_id: not wanted, and nothing
         # further down is either, so the back-fill is over.
-        items = [item for item in page.items if item["id"] <= state.top]
-        added = await self._enqueue(items, "backfill")
+        wanted_items = [item for item in items if item["id"] <= state.top]
+        added = await self._enqueue(wanted_items, "backfill")
         below_since = self.cfg.since_id is not None and any(item["id"] < self.cfg.since_id for item in items)
-        state.done = below_since or len(page.items) < self.cfg.page_size
+        state.done = below_since or not items
         state.page += 1
         await self._set(KV_BACKFILL, state.dump())
         if state.done:
@@ -210,37 +256,44 @@ class Discovery:
 
     # ---------------------------------------------------------------- sweep
     async def sweep(self) -> tuple[int, int]:
-        """List everything; enqueue what the ledger lacks; mark missing what vanished unarchived.
-
-        Returns (added, vanished)."""
+        """List everything; enqueue what the ledger lacks; mark missing what vanished unarchived — but
+        only once ``recording/search?ids=`` confirms, id by id, that the PBX no longer has it (a
+        listing that Auto Cleanup ran through is no proof). Returns (added, vanished)."""
         present: set[int] = set()
-        added, page_no = 0, 1
-        while True:
-            page = await self.client.list_recordings(page=page_no, page_size=self.cfg.page_size,
-                                                     sort_by="id", order_by="asc")
-            present.update(item["id"] for item in page.items)
-            added += await self._enqueue(page.items, "sweep")
-            if len(page.items) < self.cfg.page_size:
-                break
-            page_no += 1
-        newest = max(present, default=0)
+        added = 0
+        async for items in self._walk():
+            present.update(item["id"] for item in items)
+            added += await self._enqueue(items, "sweep")
         now = self.clock.wall()
 
-        def mark_vanished(db: Any) -> list[str]:
-            gone = []
-            for state in ("pending", "failed"):
-                for row in db.rows(state):
-                    if row.rec_id is not None and row.rec_id < newest and row.rec_id not in present:
-                        db.finish(row.key, state="missing", error="vanished from the PBX before it was archived",
-                                  now=now)
-                        gone.append(row.ref)
-            return gone
-        vanished = await self.ledger.call(mark_vanished)
-        for ref in vanished:
-            log.warning("discover.vanished", recording=ref, action="marked missing")
+        def unlisted(db: Any) -> list[Any]:
+            return [row for state in ("pending", "failed") for row in db.rows(state)
+                    if row.rec_id is not None and row.rec_id not in present]
+        candidates = await self.ledger.call(unlisted)
+        still_there = await self.confirm_present([row.rec_id for row in candidates])
+        gone = [row for row in candidates if row.rec_id not in still_there]
+
+        def mark(db: Any) -> None:
+            for row in gone:
+                db.finish(row.key, state="missing", error="vanished from the PBX before it was archived", now=now)
+        if gone:
+            await self.ledger.call(mark)
+        for row in gone:
+            log.warning("discover.vanished", recording=row.ref, action="marked missing")
         await self._set(KV_LAST_SWEEP, str(now))
-        log.info("discover.swept", listed=len(present), added=added, vanished=len(vanished))
-        return added, len(vanished)
+        log.info("discover.swept", listed=len(present), added=added, vanished=len(gone),
+                 unlisted_but_present=len(candidates) - len(gone))
+        return added, len(gone)
+
+    async def confirm_present(self, ids: list[int]) -> set[int]:
+        """The ids among ``ids`` the PBX still has, asked ``SEARCH_BATCH`` at a time."""
+        found: set[int] = set()
+        for n in range(0, len(ids), SEARCH_BATCH):
+            batch = ids[n:n + SEARCH_BATCH]
+            page = await self.client.search_recordings(page=1, page_size=max(len(batch), 1),
+                                                       ids=",".join(str(i) for i in batch))
+            found.update(item["id"] for item in page.items)
+        return found
 
     # ---------------------------------------------------------------- events
     async def on_event(self, event: dict[str, Any]) -> None:

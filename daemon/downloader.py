@@ -39,8 +39,10 @@ from daemon.archive import (
     final_relpath,
     looks_like_audio,
     part_name,
+    served_format,
     sidecar_data,
     storage_error,
+    with_format,
 )
 from daemon.client import DownloadUrl, PbxClient
 from daemon.clock import Clock
@@ -53,6 +55,7 @@ from daemon.errors import (
     TransferError,
     UrlExpiredError,
 )
+from daemon.identity import PbxIdentity
 from daemon.ledger import DEFER_S, Ledger, Row
 from daemon.resolver import RequestGate, Resolver
 
@@ -124,19 +127,30 @@ def verification_problem(size: int, head: bytes, listing_size: int | None) -> st
     return None
 
 
-def expected_listing_size(row: Row, served_file: str) -> int | None:
-    """The listing's size, when it describes the same format as the file being served."""
+def expected_listing_size(row: Row, served_format: str | None) -> int | None:
+    """The listing's size, when the listing describes the format being served (a PBX that stores wav
+    and serves mp3 lists the wav's size). Pure."""
     size = row.meta.get("size")
-    if not isinstance(size, int) or size <= 0 or not row.file:
+    if not isinstance(size, int) or size <= 0 or not row.file or served_format is None:
         return None
-    return size if audio_ext(row.file) == audio_ext(served_file) else None
+    return size if audio_ext(row.file) == served_format else None
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A transfer's outcome: its size, sha256, first bytes and the Content-Type it came with."""
+
+    size: int
+    sha256: str
+    head: bytes
+    content_type: str | None
 
 
 class Downloader:
     """Archives one claimed ledger row at a time per caller; safe to call from many workers."""
 
     def __init__(self, cfg: Config, client: PbxClient, resolver: Resolver, gate: RequestGate, ledger: Ledger,
-                 clock: Clock, archive: ArchiveDir) -> None:
+                 clock: Clock, archive: ArchiveDir, identity: PbxIdentity | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.resolver = resolver
@@ -147,11 +161,15 @@ class Downloader:
         self.bytes_downloaded = 0
         self.in_flight = 0
         self.last_chunk_at = 0.0
+        self.identity = identity
+        self.pbx_sn: str | None = None   # for the layout's {pbx_sn} and the sidecar, once the PBX told it
 
     async def archive_row(self, row: Row) -> Archived:
         """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
         the URL expired several times in a row, DeferredError while a twin row transfers the same
         recording (the caller must burn no attempt for either)."""
+        if self.identity is not None:
+            self.pbx_sn = await self.identity.ensure()
         for round_no in range(MAX_URL_ROUNDS):
             url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
             if round_no == 0:
@@ -186,11 +204,15 @@ class Downloader:
                             downloaded=False, merged=True)
         return None
 
+    def _relpath(self, row: Row, name: str) -> PurePosixPath:
+        naming = Naming(rec_id=row.rec_id, file=name, call_type=row.meta.get("call_type"), pbx_sn=self.pbx_sn)
+        return final_relpath(self.cfg.archive.layout, naming, dt.datetime.fromtimestamp(self.clock.wall(), dt.UTC))
+
     async def _fetch(self, row: Row, url: DownloadUrl) -> Archived:
-        served = url.file or row.file or ""
-        naming = Naming(rec_id=row.rec_id, file=served, call_type=row.meta.get("call_type"))
-        rel = final_relpath(self.cfg.archive.layout, naming, dt.datetime.fromtimestamp(self.clock.wall(), dt.UTC))
-        listing_size = expected_listing_size(row, served)
+        told = url.file or row.file or ""
+        # What the PBX is about to serve, as far as it says: the URL's extension, else the told name's.
+        expected = url.format_hint or audio_ext(told, default="") or None
+        rel = self._relpath(row, with_format(told, expected))
         try:
             # One thread hop for the folder and the final name's status (the common case: absent).
             dir_fd, final_st = await asyncio.to_thread(self._prepare, rel)
@@ -198,11 +220,11 @@ class Downloader:
             raise self._os_error(exc, f"cannot create {str(rel.parent)!r}", row) from exc
         try:
             if final_st is not None:
-                adopted = await self._adopt_existing(row, dir_fd, rel, served, listing_size, final_st)
+                adopted = await self._adopt_existing(row, dir_fd, rel, told, final_st)
                 if adopted is not None:
                     return adopted
-            await self._check_free_space(listing_size)
-            return await self._download(row, url, dir_fd, rel, served, listing_size)
+            await self._check_free_space(expected_listing_size(row, expected))
+            return await self._download(row, url, dir_fd, rel, told, expected)
         finally:
             os.close(dir_fd)
 
@@ -227,7 +249,7 @@ class Downloader:
             raise StorageError(f"only {free} bytes free in archive.dir (archive.min_free_bytes is {floor})")
 
     async def _adopt_existing(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str,
-                              listing_size: int | None, st: os.stat_result) -> Archived | None:
+                              st: os.stat_result) -> Archived | None:
         """A file already under the final name is adopted without a download only when the ledger's
         sha256 for the recording (kept from an earlier archiving) proves it is the same bytes. Looking
         like audio proves nothing (an older script's stub), and neither does the right length (a
@@ -242,8 +264,8 @@ class Downloader:
         log.info("download.adopted", recording=row.ref, path=str(rel), size=size, proof="sha256")
         return await self._finish(row, dir_fd, rel, served, size, sha, downloaded=False)
 
-    async def _download(self, row: Row, url: DownloadUrl, dir_fd: int, rel: PurePosixPath, served: str,
-                        listing_size: int | None) -> Archived:
+    async def _download(self, row: Row, url: DownloadUrl, dir_fd: int, rel: PurePosixPath, told: str,
+                        expected: str | None) -> Archived:
         part, keep = await self._resume_point(row, dir_fd, rel)
         part_rel = str(rel.parent / part)
         try:
@@ -253,9 +275,10 @@ class Downloader:
         if row.part_path is not None and row.part_path != part_rel:
             await self.ledger.call(lambda db: db.set_part(row.key, None, 0))  # a stale checkpoint elsewhere
         synced = [keep]  # what the ledger's checkpoint vouches for, as the transfer goes
+        moved_fd: int | None = None
         try:
             try:
-                size, sha, head = await self._stream(row, url, fd, part_rel, keep, synced)
+                body = await self._stream(row, url, fd, part_rel, keep, synced)
             except OSError as exc:
                 await self._discard(row, dir_fd, part)
                 raise self._os_error(exc, f"writing {part_rel!r} failed", row) from exc
@@ -264,25 +287,57 @@ class Downloader:
                     # No checkpoint names this temp file: it can never be resumed, so it goes now.
                     await asyncio.shield(self._discard(row, dir_fd, part, checkpoint=False))
                 raise
+            fmt = served_format(body.head, body.content_type, expected)
+            if fmt != expected and fmt is not None:
+                # Named by what it holds: a PBX that lists and tells x.wav may serve mp3 bytes.
+                log.info("download.format_learnt", recording=row.ref, told=told, served=fmt)
+                new_rel = self._relpath(row, with_format(told, fmt))
+                if new_rel.parent != rel.parent:
+                    try:
+                        new_fd, part = await asyncio.to_thread(self._move_part, dir_fd, part, new_rel)
+                    except OSError as exc:
+                        await self._discard(row, dir_fd, part)
+                        raise self._os_error(exc, f"cannot create {str(new_rel.parent)!r}", row) from exc
+                    dir_fd = moved_fd = new_fd
+                rel = new_rel
             # A broken transfer keeps a checkpointed temp file: the ledger says how much of it to trust.
-            problem = verification_problem(size, head, listing_size)
+            problem = verification_problem(body.size, body.head, expected_listing_size(row, fmt))
             if problem is not None:
                 await self._discard(row, dir_fd, part)
                 raise TransferError(problem, recording=row.ref)
         except BaseException:
             os.close(fd)
+            if moved_fd is not None:
+                os.close(moved_fd)
             raise
         try:
-            linked, written = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
-        except OSError as exc:
-            # Never retry an fsync: the page cache may have dropped the data. Start over.
-            await self._discard(row, dir_fd, part)
-            raise self._os_error(exc, f"committing {part_rel!r} failed", row) from exc
-        final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, sha, written)
-        if row.sha256 is not None and row.sha256 != sha:
-            log.warning("download.content_changed", recording=row.ref, path=str(final), before=row.sha256, now=sha,
-                        reason="the PBX served other bytes than the copy archived earlier")
-        return await self._finish(row, dir_fd, final, served, size, sha, downloaded=True)
+            try:
+                linked, written = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
+            except OSError as exc:
+                # Never retry an fsync: the page cache may have dropped the data. Start over.
+                await self._discard(row, dir_fd, part)
+                raise self._os_error(exc, f"committing {str(rel.parent / part)!r} failed", row) from exc
+            final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, body.sha256, written)
+            if row.sha256 is not None and row.sha256 != body.sha256:
+                log.warning("download.content_changed", recording=row.ref, path=str(final), before=row.sha256,
+                            now=body.sha256, reason="the PBX served other bytes than the copy archived earlier")
+            return await self._finish(row, dir_fd, final, told, body.size, body.sha256, downloaded=True)
+        finally:
+            if moved_fd is not None:
+                os.close(moved_fd)
+
+    def _move_part(self, dir_fd: int, part: str, new_rel: PurePosixPath) -> tuple[int, str]:
+        """Move a temp file into the folder of another final name (a layout with ``{ext}``, when the
+        served format turned out other than told): link it there, then drop the old name."""
+        new_fd = self.archive.open_dir(new_rel.parent, create=True)
+        try:
+            new_part = part_name(new_rel.name)
+            os.link(part, new_part, src_dir_fd=dir_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+            os.unlink(part, dir_fd=dir_fd)
+        except BaseException:
+            os.close(new_fd)
+            raise
+        return new_fd, new_part
 
     async def _resume_point(self, row: Row, dir_fd: int, rel: PurePosixPath) -> tuple[str, int]:
         """(temp name, bytes to keep): this row's checkpointed temp file when it is still there, else
@@ -305,9 +360,9 @@ class Downloader:
             await self.ledger.call(lambda db: db.set_part(row.key, None, 0))
 
     async def _stream(self, row: Row, url: DownloadUrl, fd: int, part_rel: str, keep: int,
-                      checkpointed: list[int]) -> tuple[int, str, bytes]:
-        """Write the body into ``fd`` from ``keep`` on; returns (size, sha256, first bytes).
-        ``checkpointed[0]`` follows the bytes the ledger's checkpoint vouches for."""
+                      checkpointed: list[int]) -> _Body:
+        """Write the body into ``fd`` from ``keep`` on. ``checkpointed[0]`` follows the bytes the
+        ledger's checkpoint vouches for."""
         digest = hashlib.sha256()
         head = b""
         if keep:
@@ -315,10 +370,12 @@ class Downloader:
         dl = self.cfg.downloads
         floor = ThroughputFloor(self.clock, dl.min_bytes_per_second, dl.throughput_window_s, row.ref)
         async with self.gate.slot(), self._counted(), \
-                self.client.open_file(url.url, offset=keep, recording=row.ref, meter=floor) as stream:
+                self.client.open_file(url.url, offset=keep, recording=row.ref, meter=floor,
+                                      on_headers=lambda ctype: self.gate.learn(
+                                          served_format(b"", ctype, url.format_hint))) as stream:
             if stream.status == 416:
                 if keep and stream.total == keep:
-                    return keep, digest.hexdigest(), head
+                    return _Body(keep, digest.hexdigest(), head, None)
                 raise TransferError("the server refused the resume offset (416)", recording=row.ref)
             if stream.start != keep:
                 # The server ignored Range: start over so that two attempts' bytes are never spliced.
@@ -343,6 +400,9 @@ class Downloader:
                 async for chunk in stream.chunks(CHUNK_BYTES):
                     if not head:
                         head = chunk[:64]
+                        if keep == 0:
+                            # What is served, not what is told, decides the one-request rule.
+                            self.gate.learn(served_format(head, stream.content_type, url.format_hint))
                     pending += chunk
                     if len(pending) >= WRITE_BYTES:
                         await flush()
@@ -361,7 +421,7 @@ class Downloader:
                 stream.start + stream.length if stream.length is not None else None)
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
-        return size, digest.hexdigest(), head
+        return _Body(size, digest.hexdigest(), head, stream.content_type)
 
     @contextlib.asynccontextmanager
     async def _counted(self) -> AsyncIterator[None]:
@@ -407,8 +467,7 @@ class Downloader:
                                           "now": now, "file": served or row.file}) from exc
         if self.cfg.archive.sidecar:
             data = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=served or row.file,
-                                size=size, sha256=sha,
-                                archived_at=now, meta=row.meta)
+                                size=size, sha256=sha, archived_at=now, meta=row.meta, pbx_sn=self.pbx_sn)
             try:
                 await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
             except OSError as exc:

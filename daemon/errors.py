@@ -68,10 +68,16 @@ class ConfigError(ArchiverError):
 class FatalAuthError(ArchiverError):
     """The PBX refused the credentials, the client IP or the application; only an operator can fix it.
 
-    Never retried in a loop: five failed logins block the client IP on the PBX.
+    Never retried in a loop: five failed logins block the client IP on the PBX. ``retry_after_s`` is
+    when the PBX said it lifts an IP block, if it said.
     """
 
     exit_code = EXIT_AUTH
+
+    def __init__(self, message: str, *, errcode: int | None = None, recording: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, errcode=errcode, recording=recording)
+        self.retry_after_s = retry_after_s
 
 
 class PbxConfigError(FatalAuthError):

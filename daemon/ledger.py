@@ -25,6 +25,8 @@ FILE_MODE = 0o600          # the ledger holds callers' names and numbers
 DIR_MODE = 0o700
 KV_ARCHIVE_ID = "archive.id"
 KV_REBUILT = "reconcile.rebuild_complete"
+KV_PBX_SN = "pbx.sn"               # the serial of the PBX this ledger was filled from (daemon.identity)
+KV_PBX_FIRMWARE = "pbx.firmware"
 DEFER_S = 15.0             # a twin row transferring the same recording: look again this much later
 META_FIELDS = ("size", "time", "uid", "call_from", "call_to", "call_type", "duration")
 
@@ -51,6 +53,19 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 T = TypeVar("T")
 A = TypeVar("A")
 R = TypeVar("R")
+
+
+def name_variants(name: str) -> tuple[str, str, str]:
+    """The names one recording can go by: a PBX that stores wav and serves mp3 lists ``x.wav`` and
+    may tell ``x.mp3`` when downloading. Rows are matched on all three."""
+    if name.lower().endswith((".wav", ".mp3")):
+        stem = name[:-4]
+        return name, f"{stem}.wav", f"{stem}.mp3"
+    return name, name, name
+
+
+_STEM = ("(CASE WHEN lower({c}) LIKE '%.wav' OR lower({c}) LIKE '%.mp3' THEN substr({c}, 1, length({c}) - 4) "
+         "ELSE {c} END)")
 
 
 def key_for(rec_id: int | None, file: str | None) -> str:
@@ -94,6 +109,8 @@ class Row:
     part_path: str | None
     part_synced: int
     done_at: float | None = None
+    created_at: float | None = None
+    source: str | None = None
 
     @property
     def ref(self) -> str:
@@ -101,7 +118,8 @@ class Row:
 
 
 _ROW_COLUMNS = ("key, rec_id, file, state, attempts, next_attempt_at, last_error, "
-                + ", ".join(META_FIELDS) + ", final_path, bytes, sha256, part_path, part_synced, done_at")
+                + ", ".join(META_FIELDS) + ", final_path, bytes, sha256, part_path, part_synced, done_at, "
+                "created_at, source")
 
 
 def _row(r: sqlite3.Row) -> Row:
@@ -109,7 +127,7 @@ def _row(r: sqlite3.Row) -> Row:
                next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
                meta={f: r[f] for f in META_FIELDS if r[f] is not None}, final_path=r["final_path"],
                bytes=r["bytes"], sha256=r["sha256"], part_path=r["part_path"], part_synced=r["part_synced"],
-               done_at=r["done_at"])
+               done_at=r["done_at"], created_at=r["created_at"], source=r["source"])
 
 
 def ledger_error(exc: BaseException, path: Path) -> LedgerError:
@@ -178,12 +196,13 @@ class LedgerDb:
             for ref in refs:
                 meta = dict(ref.meta)
                 if ref.rec_id is None and ref.file is not None:
-                    known = c.execute("SELECT 1 FROM recordings WHERE file = ? LIMIT 1", (ref.file,)).fetchone()
+                    known = c.execute("SELECT 1 FROM recordings WHERE file IN (?, ?, ?) LIMIT 1",
+                                      name_variants(ref.file)).fetchone()
                     if known is not None:
                         continue
                 elif ref.file is not None:
-                    by_name = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?",
-                                        (key_for(None, ref.file),)).fetchone()
+                    by_name = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE rec_id IS NULL AND "
+                                        "file IN (?, ?, ?) ORDER BY rowid LIMIT 1", name_variants(ref.file)).fetchone()
                     if by_name is not None and by_name["state"] == "done":
                         if c.execute("SELECT 1 FROM recordings WHERE key = ?", (ref.key,)).fetchone() is None:
                             self._insert_done_copy(c, ref, by_name, source=source, now=now)
@@ -227,10 +246,10 @@ class LedgerDb:
             ids = [(r.key, r.rec_id, r.file, source, now, now) for r in refs if r.rec_id is not None]
             c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
                           "updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)", ids)
-            names = [(r.key, r.file, source, now, now, r.file) for r in refs if r.rec_id is None]
+            names = [(r.key, r.file, source, now, now, *name_variants(str(r.file))) for r in refs if r.rec_id is None]
             c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
                           "updated_at) SELECT ?, NULL, ?, 'pending', ?, ?, ? WHERE NOT EXISTS "
-                          "(SELECT 1 FROM recordings WHERE file = ?)", names)
+                          "(SELECT 1 FROM recordings WHERE file IN (?, ?, ?))", names)
             return c.total_changes - before
 
     # ---------------------------------------------------------------- the scheduler's moves
@@ -240,8 +259,9 @@ class LedgerDb:
             # A row whose twin (same file name, another key) is being transferred waits for it.
             rows = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings r WHERE state = 'pending' AND "
                              "next_attempt_at <= ? AND (file IS NULL OR NOT EXISTS (SELECT 1 FROM recordings o "
-                             "WHERE o.file = r.file AND o.state = 'in_progress' AND o.key != r.key)) "
-                             "ORDER BY next_attempt_at, rowid LIMIT ?", (now, limit)).fetchall()
+                             f"WHERE o.state = 'in_progress' AND o.key != r.key AND {_STEM.format(c='o.file')} = "
+                             f"{_STEM.format(c='r.file')})) ORDER BY next_attempt_at, rowid LIMIT ?",
+                             (now, limit)).fetchall()
             c.executemany("UPDATE recordings SET state = 'in_progress', lease_until = ?, updated_at = ? "
                           "WHERE key = ?", [(now + lease_s, now, r["key"]) for r in rows])
         return [_row(r) for r in rows]
@@ -271,7 +291,8 @@ class LedgerDb:
         # The common case (a known name, no twin) is answered by a read: no transaction, no fsync.
         me = self.conn.execute("SELECT state, file FROM recordings WHERE key = ?", (key,)).fetchone()
         if me is not None and me["state"] != "done" and me["file"] is not None and self.conn.execute(
-                "SELECT 1 FROM recordings WHERE file = ? AND key != ? LIMIT 1", (served, key)).fetchone() is None:
+                "SELECT 1 FROM recordings WHERE file IN (?, ?, ?) AND key != ? LIMIT 1",
+                (*name_variants(served), key)).fetchone() is None:
             return "proceed", None
         with self.write() as c:
             me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
@@ -281,8 +302,8 @@ class LedgerDb:
                 return "done", _row(me)
             if me["file"] is None:
                 c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
-            twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file = ? AND key != ? ORDER BY rowid",
-                              (served, key)).fetchall()
+            twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file IN (?, ?, ?) AND key != ? "
+                              "ORDER BY rowid", (*name_variants(served), key)).fetchall()
             for twin in twins:
                 if twin["rec_id"] is not None and me["rec_id"] is not None:
                     continue  # two ids: two recordings that happen to share a name (alternate names)
@@ -328,9 +349,9 @@ class LedgerDb:
                 if row["rec_id"] is None:
                     # Only a waiting row: one in progress belongs to its worker, which will find this
                     # result when it binds the name (``bind_name``).
-                    waiting = c.execute("SELECT key, rec_id FROM recordings WHERE file = ? AND rec_id IS NOT NULL "
-                                        "AND state NOT IN ('done', 'in_progress') ORDER BY rowid LIMIT 1",
-                                        (row["file"],)).fetchone()
+                    waiting = c.execute("SELECT key, rec_id FROM recordings WHERE file IN (?, ?, ?) AND rec_id IS "
+                                        "NOT NULL AND state NOT IN ('done', 'in_progress') ORDER BY rowid LIMIT 1",
+                                        name_variants(row["file"])).fetchone()
                     if waiting is not None:
                         c.execute("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
                                   "sha256 = :sha256, last_error = NULL, lease_until = NULL, part_path = NULL, "
@@ -340,8 +361,8 @@ class LedgerDb:
                         out.append(waiting["rec_id"])
                         continue
                 else:
-                    c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file = ? AND state != 'in_progress'",
-                              (row["file"],))
+                    c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
+                              "state != 'in_progress'", name_variants(row["file"]))
                 out.append(row["rec_id"])
         return out
 
@@ -446,8 +467,8 @@ class LedgerDb:
         meta = dict(ref.meta)
         with self.write() as c:
             if ref.rec_id is not None and ref.file:
-                c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file = ? AND state != 'in_progress'",
-                          (ref.file,))
+                c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
+                          "state != 'in_progress'", name_variants(ref.file))
             c.execute(
                 "INSERT INTO recordings (key, rec_id, file, state, final_path, bytes, sha256, source, created_at, "
                 "updated_at, done_at, " + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'done', ?, ?, ?, 'rebuild', "

@@ -13,7 +13,7 @@ import structlog
 
 from daemon.archive import ArchiveDir, is_part_name, looks_like_audio, sidecar_data
 from daemon.errors import WrongArchiveError
-from daemon.ledger import KV_ARCHIVE_ID, KV_REBUILT, META_FIELDS, LedgerDb, Ref
+from daemon.ledger import KV_ARCHIVE_ID, KV_PBX_SN, KV_REBUILT, META_FIELDS, LedgerDb, Ref
 
 log = structlog.get_logger("daemon.reconcile")
 
@@ -112,6 +112,7 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
     keep_parts = {r.part_path for r in db.rows("pending") if r.part_path and r.part_synced > 0}
     known_paths = {r.final_path for r in db.rows("done") if r.final_path}
     rebuild = db.kv_get(KV_REBUILT) != "1"
+    pbx_sn = db.kv_get(KV_PBX_SN)
     rebuild_errors = 0
     skip_rel = None
     if skip is not None:
@@ -186,7 +187,7 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
         elif sidecars and row.sha256 and row.bytes is not None \
                 and archive.exists(PurePosixPath(f"{row.final_path}.json")) is False:
             data = sidecar_data(rec_id=row.rec_id, file=row.file, size=row.bytes, sha256=row.sha256,
-                                archived_at=row.done_at or now, meta=row.meta)
+                                archived_at=row.done_at or now, meta=row.meta, pbx_sn=pbx_sn)
             try:
                 dir_fd = archive.open_dir(rel.parent, create=False)
                 try:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import structlog
 
+from daemon.archive import audio_ext
 from daemon.client import DownloadUrl, PbxClient
 from daemon.clock import Clock
 
@@ -25,34 +26,53 @@ def url_needs_refresh(now: float, url: DownloadUrl | None, margin_s: float) -> b
 
 class RequestGate:
     """At most ONE PBX request of either kind (``recording/download`` or a file transfer) in flight
-    while the recording format is mp3 — or, with ``auto``, until the first resolution shows it is not."""
+    while the PBX serves mp3 — and, with ``auto``, until a transfer has shown it serves wav.
+
+    mp3 is a download format, not how recordings are stored: a PBX can list .wav names and sizes and
+    serve mp3 bytes. So what counts is what is served (the bytes first, see ``archive.served_format``);
+    mp3, once seen, stays — even where the configuration says wav."""
 
     def __init__(self, configured: str) -> None:
         self.configured = configured
         self.format: str | None = None if configured == "auto" else configured
-        self._lock = asyncio.Lock()
+        self._held = False
+        self._changed = asyncio.Event()   # set (and replaced) when the slot frees or the gate opens
 
     @property
     def exclusive(self) -> bool:
         return self.format != "wav"
 
-    def learn(self, file_name: str) -> None:
-        """Record the format a resolution revealed (``auto`` only; mp3, once seen, stays)."""
-        if self.configured != "auto" or self.format == "mp3":
+    def learn(self, served: str | None) -> None:
+        """Record the format a transfer showed (or a resolution hinted at: only mp3 hints count)."""
+        if served is None or self.format == "mp3" or served == self.format:
             return
-        lower = file_name.lower()
-        seen = "mp3" if lower.endswith(".mp3") else "wav" if lower.endswith(".wav") else None
-        if seen is not None and seen != self.format:
-            self.format = seen
-            log.info("pbx.format_detected", format=seen, one_request_at_a_time=seen == "mp3")
+        if served == "wav" and self.configured == "mp3":
+            return
+        if served == "mp3" and self.configured == "wav":
+            log.warning("pbx.serves_mp3", configured="wav", action="one request at a time from now on")
+        self.format = served
+        log.info("pbx.format_detected", format=served, one_request_at_a_time=served == "mp3")
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self.exclusive:
-            async with self._lock:
-                yield
-        else:
-            yield
+        """Hold the one request slot while exclusive; waiters go ahead at once when the gate opens
+        (a transfer showed wav), not only when the holder is done."""
+        while self.exclusive:
+            if not self._held:
+                self._held = True
+                try:
+                    yield
+                finally:
+                    self._held = False
+                    self._wake()
+                return
+            await self._changed.wait()
+        yield
 
 
 class Resolver:
@@ -78,7 +98,8 @@ class Resolver:
                 url = await self._client.resolve_download(rec_id=rec_id, file=None if rec_id is not None else file)
                 if self._on_resolve is not None:
                     self._on_resolve(self._clock.monotonic() - started)
-            self._gate.learn(url.file)
+            if "mp3" in (url.format_hint, audio_ext(url.file, default="")):
+                self._gate.learn("mp3")   # a hint of mp3 is enough to hold the gate; wav needs the bytes
             self._urls[key] = url
         assert url is not None
         return url

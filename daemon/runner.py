@@ -18,6 +18,7 @@ from daemon.config import LIVE_KEYS, MAX_WORKERS, Config, changed_keys, load_con
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
+from daemon.identity import PbxIdentity
 from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
 from daemon.live import Pipeline
 from daemon.logs import set_level
@@ -61,7 +62,7 @@ ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
 async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: Clock | None = None,
                        progress: ProgressHook | None = None, notify: SdNotify | None = None,
                        health: Health | None = None, reload: asyncio.Event | None = None,
-                       hurry: asyncio.Event | None = None) -> RunResult:
+                       hurry: asyncio.Event | None = None, new_pbx: bool = False) -> RunResult:
     """Archive until ``stop`` (``run``) or until everything queued has ended (``once``).
 
     ``run`` also serves health and metrics on ``service.listen`` and speaks sd_notify. Resources are
@@ -120,7 +121,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         gate = RequestGate(cfg.pbx.recording_format)
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
-        downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive)
+        identity = PbxIdentity(client, ledger, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=new_pbx)
+        downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive, identity)
         scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once,
                               on_archived=metrics.download_seconds.observe)
         if hurry is not None:

@@ -35,6 +35,7 @@ from daemon.errors import (
     PauseError,
     PbxBusyError,
     PermanentError,
+    RecordingMissingError,
     RetryableError,
     StorageError,
     TlsError,
@@ -49,6 +50,10 @@ IDLE_POLL_S = 1.0            # how soon an idle worker notices rows another proc
 BUSY_BURST = 3               # different recordings failing in a row with PBX-busy answers: "the PBX", not them
 PAUSE_BASE_S = 1.0
 URL_EXPIRED_DELAY_S = 1.0
+# A real expiry happens once in 30 minutes; a PBX whose every fresh URL is refused (each archive_row
+# call tries a few) must not be retried for ever at no cost: after this many such turns in a row,
+# the recording burns an attempt.
+URL_EXPIRED_FREE_TURNS = 5
 MAX_AUTH_RETRIES = 3         # automatic logins after a refusal; never near the PBX's 5-failure IP block
 
 
@@ -110,6 +115,7 @@ class Scheduler:
         self._busy_keys: list[str] = []   # different recordings in the current run of PBX-busy failures
         self._auth_failures = 0
         self._unsaved: dict[str, Callable[[LedgerDb], Any]] = {}
+        self._url_turns: dict[str, int] = {}   # recording -> turns in a row that ended in expired URLs
         self._finished = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -279,18 +285,23 @@ class Scheduler:
         except PauseError as exc:
             await self._release(row)
             self._pause(exc, type(exc).__name__)
-        except (UrlExpiredError, DeferredError) as exc:
-            await self._reschedule(row, exc, exc.retry_after_s or URL_EXPIRED_DELAY_S, burn=False)
-        except PermanentError as exc:
-            now, state, error = self.clock.wall(), exc.state, str(exc)
-            await self._ledger_write(row, lambda db: db.finish(row.key, state=state, error=error, now=now))
-            if exc.state == "missing":
-                self.stats.missing += 1
-                bound.warning("download.missing", reason=str(exc))
+        except UrlExpiredError as exc:
+            turns = self._url_turns[row.key] = self._url_turns.get(row.key, 0) + 1
+            burn = turns >= URL_EXPIRED_FREE_TURNS
+            if burn:
+                del self._url_turns[row.key]
+            await self._reschedule(row, exc, exc.retry_after_s or URL_EXPIRED_DELAY_S, burn=burn)
+        except DeferredError as exc:
+            await self._reschedule(row, exc, exc.retry_after_s, burn=False)
+        except RecordingMissingError as exc:
+            if self._within_grace(row):
+                # Announced (a 30012 event at call end, a name in the queue) before the PBX can serve
+                # the file: "not found" means "not yet" for a while.
+                await self._reschedule(row, exc, None, burn=False, grace=True)
             else:
-                self.stats.failed += 1
-                self._failed(row, str(exc))
-                bound.error("download.failed", reason=str(exc), permanent=True)
+                await self._finish_permanent(row, exc)
+        except PermanentError as exc:
+            await self._finish_permanent(row, exc)
         except PbxBusyError as exc:
             # This recording pays for it and goes behind the others; only several different
             # recordings failing in a row say the PBX itself is in trouble.
@@ -308,6 +319,7 @@ class Scheduler:
             await self._reschedule(row, exc, None, burn=True)
         else:
             self._busy_keys.clear()
+            self._url_turns.pop(row.key, None)
             self._auth_failures = 0
             if self._pause_streak:
                 log.info("pipeline.resumed", after=self.pause_reason)
@@ -327,14 +339,38 @@ class Scheduler:
             else:
                 self.stats.adopted += 1
 
+    def _within_grace(self, row: Row) -> bool:
+        """A recording announced by its file name (a 30012 event at call end, the queue) may not be
+        ready yet: for ``sources.missing_grace_s`` after it was first seen, 60001 means "not yet". An id
+        comes from a listing of what the PBX holds (or an operator): 60001 for it means gone."""
+        first_seen = row.created_at if row.created_at is not None else self.clock.wall()
+        return row.rec_id is None and self.clock.wall() - first_seen < self.cfg.sources.missing_grace_s
+
+    async def _finish_permanent(self, row: Row, exc: PermanentError) -> None:
+        now, state, error = self.clock.wall(), exc.state, str(exc)
+        await self._ledger_write(row, lambda db: db.finish(row.key, state=state, error=error, now=now))
+        if exc.state == "missing":
+            self.stats.missing += 1
+            log.warning("download.missing", recording=row.ref, reason=str(exc))
+        else:
+            self.stats.failed += 1
+            self._failed(row, str(exc))
+            log.error("download.failed", recording=row.ref, reason=str(exc), permanent=True)
+
     async def _release(self, row: Row) -> None:
         now = self.clock.wall()
         await self._ledger_write(row, lambda db: db.release(row.key, now=now))
 
-    async def _reschedule(self, row: Row, exc: BaseException, retry_after_s: float | None, *, burn: bool) -> None:
+    async def _reschedule(self, row: Row, exc: BaseException, retry_after_s: float | None, *, burn: bool,
+                          grace: bool = False) -> None:
         attempt = row.attempts + (1 if burn else 0)
-        delay = backoff_delay(attempt, self.cfg.downloads.backoff_base_s, self.cfg.downloads.backoff_max_s,
-                              self.rand())
+        if grace:
+            # Back off by how long it has been waiting, not by attempts (none are burnt).
+            waited = self.clock.wall() - (row.created_at or self.clock.wall())
+            delay = min(self.cfg.downloads.backoff_max_s, max(self.cfg.downloads.backoff_base_s, waited / 4))
+        else:
+            delay = backoff_delay(attempt, self.cfg.downloads.backoff_base_s, self.cfg.downloads.backoff_max_s,
+                                  self.rand())
         delay = max(delay, retry_after_s or 0.0)
         now = self.clock.wall()
         error = f"{type(exc).__name__}: {exc}"

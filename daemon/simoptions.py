@@ -39,3 +39,20 @@ class SimOptions:
     grow_on_list: int = 0              # recordings added after each recording/list answer (insertions mid-paging)
     ws_idle_s: float = 60.0            # close a WebSocket that sent no heartbeat for this long
     fail_ids: tuple[int, ...] = ()     # recordings whose recording/download always answers HTTP 500
+    # What real PBXs may do (reference: "What a real PBX may do"); every one off by default.
+    page_cap: int = 0                  # at most this many items per page, whatever page_size asked (0: no cap)
+    page_cap_offsets: str = "capped"   # capped: page N starts at (N-1)*cap | asked: at (N-1)*page_size
+    close_after_response: bool = False  # one answer per TCP connection; a request on a reused one is dropped
+    cleanup_on_list: int = 0           # Auto Cleanup: delete this many of the oldest after each list answer
+    late_count: int = 0                # the newest N recordings are not ready (absent, 60001) ...
+    late_s: float = 0.0                # ... for this many seconds after start
+    event_early_s: float = 0.0         # a new recording's 30012 event comes this long before its file is ready
+    mp3_transcode: str = ""            # "", "wav-name" or "mp3-name": stored as wav, downloaded as mp3 bytes;
+                                       # recording/download's "file" is the stored .wav name or the .mp3 name
+    mp3_busy_answer: str = "70082"     # a second concurrent request in mp3 mode: 70082 | 503 | -2 | wait
+    expired_url_answer: str = "404"    # an expired file URL: 404 | 403 | 410 | 60001 (an errcode envelope)
+    api_version_error: int = 0         # every API call answers this errcode (10002 or 10003); 0: off
+    block_expire_s: float = 0.0        # 70004 carries block_expire_time this far ahead, and the block lifts then
+    sn: str = "SIM0000000001"
+    firmware: str = "37.12.0.22"
+

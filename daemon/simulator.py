@@ -16,6 +16,7 @@ import json
 import random
 import secrets
 import struct
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -47,8 +48,10 @@ class Recording:
     call_type: str
 
     def listing(self) -> dict[str, Any]:
-        # Newer firmware adds archive fields; the archiver must tolerate keys it does not use.
-        return {**asdict(self), "archive_status": "unarchived"}
+        # Newer firmware adds archive fields (documented values: success, failed, retry, jump_over);
+        # the archiver must tolerate keys it does not use.
+        status = ("success", "failed", "retry", "jump_over")[self.id % 4]
+        return {**asdict(self), "archive_status": status}
 
 
 def make_recording(opts: SimOptions, n: int) -> Recording:
@@ -87,6 +90,13 @@ def audio_header(fmt: str, size: int) -> bytes:
     data_len = max(0, size - 44)
     return (b"RIFF" + struct.pack("<I", max(0, size - 8)) + b"WAVE" + b"fmt "
             + struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16) + b"data" + struct.pack("<I", data_len))
+
+
+def transcoded(rec: Recording) -> Recording:
+    """The recording as a PBX that stores wav and serves mp3 hands it out: an .mp3 name and about a
+    tenth of the wav's size (deterministic)."""
+    stem = rec.file[:-4] if rec.file.lower().endswith((".wav", ".mp3")) else rec.file
+    return replace(rec, file=f"{stem}.mp3", size=max(64, rec.size // 11))
 
 
 def recording_block(seed: int, fmt: str, rec: Recording, k: int) -> bytes:
@@ -149,6 +159,10 @@ class _Counters:
     ws_heartbeats: int = 0
     events_sent: int = 0
     transfers_completed: Counter[int] = field(default_factory=Counter)
+    dropped_reused: int = 0
+    cleaned_up: int = 0
+    heartbeats_late: int = 0
+    errcodes_injected: Counter[int] = field(default_factory=Counter)
 
 
 def _envelope(errcode: int, errmsg: str, **extra: Any) -> web.Response:
@@ -156,9 +170,10 @@ def _envelope(errcode: int, errmsg: str, **extra: Any) -> web.Response:
 
 
 _ERRMSG = {
-    -1: "FAILURE", -2: "INTERNAL SERVER ERROR", 10004: "TOKEN EXPIRED", 40002: "PARAMETER ERROR",
-    60001: "DATA NOT FOUND", 60002: "MAX LIMITATION EXCEEDED", 70004: "ACCOUNT IP BLOCKED",
-    70082: "OVERLOAD_TASK_RUNNING",
+    -1: "FAILURE", -2: "INTERNAL SERVER ERROR", 1: "PARTIAL SUCCESS", 10001: "INTERFACE NOT EXISTED",
+    10002: "API VERSION OUT OF MAINTENANCE", 10003: "API VERSION UNSUPPORTED", 10004: "TOKEN EXPIRED",
+    10005: "ACCESS DENIED", 40002: "PARAMETER ERROR", 60001: "DATA NOT FOUND", 60002: "MAX LIMITATION EXCEEDED",
+    70004: "ACCOUNT IP BLOCKED", 70082: "OVERLOAD_TASK_RUNNING", 70084: "ACTION FORBIDDEN", 70087: "IP FORBIDDEN",
 }
 
 
@@ -184,6 +199,15 @@ class Simulator:
         self.rng = random.Random(self.opts.seed)
         self.websockets: set[web.WebSocketResponse] = set()
         self.list_queries: list[tuple[int, str]] = []  # (page, order) of every recording/list answered
+        self.ready_at: dict[int, float] = {}            # recording id -> when its file can be served
+        if self.opts.late_count:
+            until = self.clock.monotonic() + self.opts.late_s
+            for rec in self.recordings[-self.opts.late_count:]:
+                self.ready_at[rec.id] = until
+        self.inject: dict[str, list[int]] = {}          # endpoint -> errcodes to answer, one per request
+        self.block_until = 0.0
+        self._answered: weakref.WeakSet[Any] = weakref.WeakSet()   # transports that had their one answer
+        self._mp3_lock = asyncio.Lock()
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self._grower: asyncio.Task[None] | None = None
@@ -208,15 +232,21 @@ class Simulator:
             await asyncio.sleep(self.opts.new_every_s)
             await self.add_recording()
 
-    async def add_recording(self) -> Recording:
-        """A call just ended: a new recording appears, and subscribers get a 30012 event."""
+    async def add_recording(self, *, msg_as_object: bool = False) -> Recording:
+        """A call just ended: a new recording appears, and subscribers get a 30012 event (which comes
+        ``event_early_s`` before the file can be served)."""
         rec = make_recording(self.opts, len(self.recordings))
         self.recordings.append(rec)
         self.by_id[rec.id] = rec
         self.by_file[rec.file] = rec
-        msg = json.dumps({"call_id": f"{rec.uid}", "uid": rec.uid, "recording": rec.file,
-                          "call_from": rec.call_from, "call_to": rec.call_to, "type": rec.call_type})
-        event = json.dumps({"type": 30012, "sn": "SIM0000000001", "msg": msg})
+        if self.opts.event_early_s > 0:
+            self.ready_at[rec.id] = self.clock.monotonic() + self.opts.event_early_s
+        # The documented 30012 fields; call_id is the call's, uid the CDR's (they differ).
+        body = {"call_id": f"{rec.uid[:14]}.{rec.id}", "time_start": rec.time, "call_from": rec.call_from,
+                "call_to": rec.call_to, "call_duration": rec.duration + 7, "talk_duration": rec.duration,
+                "status": "ANSWERED", "type": rec.call_type, "recording": rec.file, "did_number": "",
+                "uid": rec.uid}
+        event = json.dumps({"type": 30012, "sn": self.opts.sn, "msg": body if msg_as_object else json.dumps(body)})
         for ws in list(self.websockets):
             if not ws.closed:
                 await ws.send_str(event)
@@ -275,6 +305,7 @@ class Simulator:
         app.router.add_get(f"{API}/recording/download", self.recording_download)
         app.router.add_get("/api/download/{name}", self.file_download)
         app.router.add_get(f"{API}/subscribe", self.subscribe)
+        app.router.add_get(f"{API}/system/information", self.system_information)
         app.router.add_get("/_sim/counters", self.sim_counters)
         app.router.add_post("/_sim/control", self.sim_control)
         return app
@@ -285,12 +316,33 @@ class Simulator:
         name = request.path.removeprefix(API + "/")
         if request.path.startswith("/api/download/"):
             name = "file"
-        if not request.path.startswith("/_sim/"):
-            self.counters.requests[name] += 1
-            if not request.headers.get("User-Agent"):
-                self.counters.bad_user_agent += 1
-                return _error(40002)
-        return await handler(request)
+        if request.path.startswith("/_sim/"):
+            return await handler(request)
+        transport = request.transport
+        if self.opts.close_after_response and transport is not None and transport in self._answered:
+            # This PBX closes each connection after its answer: a request that a client sent on the
+            # connection before it saw the close is lost, the connection dropped without a word.
+            self.counters.dropped_reused += 1
+            transport.abort()
+            raise web.HTTPServiceUnavailable  # never sent: the transport is gone
+        self.counters.requests[name] += 1
+        if not request.headers.get("User-Agent"):
+            self.counters.bad_user_agent += 1
+            return _error(40002)
+        if self.opts.api_version_error and name != "file":
+            return _error(self.opts.api_version_error)
+        queued = self.inject.get(name)
+        if queued:
+            errcode = queued.pop(0)
+            self.counters.errcodes_injected[errcode] += 1
+            return _error(errcode)
+        response = await handler(request)
+        if self.opts.close_after_response and transport is not None:
+            # Keep-alive is advertised, the close comes a moment later: a client that reuses the
+            # connection in between loses its request (the race a real PBX's close opens).
+            self._answered.add(transport)
+            asyncio.get_running_loop().call_later(0.5, transport.close)
+        return response
 
     def _ip(self, request: web.Request) -> str:
         return request.remote or "?"
@@ -330,8 +382,11 @@ class Simulator:
     # ---------------------------------------------------------------- auth
     async def get_token(self, request: web.Request) -> web.Response:
         ip = self._ip(request)
+        if ip in self.blocked_ips and self.opts.block_expire_s and self.clock.wall() >= self.block_until:
+            self.blocked_ips.discard(ip)
+            self.failed_by_ip[ip] = 0
         if ip in self.blocked_ips:
-            return _error(70004, block_expire_time=0)
+            return _error(70004, block_expire_time=int(self.block_until) if self.opts.block_expire_s else 0)
         body = await self._json_body(request)
         if body.get("username") != self.opts.client_id or body.get("password") != self.opts.client_secret:
             self.counters.failed_logins += 1
@@ -339,6 +394,7 @@ class Simulator:
             if self.failed_by_ip[ip] >= self.opts.block_after:
                 self.blocked_ips.add(ip)
                 self.counters.ip_blocks += 1
+                self.block_until = self.clock.wall() + self.opts.block_expire_s
             return _error(-1, invalid_param_list=[{"field": "username or password", "value": "error"}])
         self.failed_by_ip[ip] = 0
         if self._live_tokens() >= self.opts.max_tokens:
@@ -395,20 +451,47 @@ class Simulator:
         key = request.query.get("sort_by", "id")
         desc = request.query.get("order_by", "desc") == "desc"
         recs = sorted(recs, key=(lambda r: r.id) if key != "time" else (lambda r: (r.time, r.id)), reverse=desc)
-        chunk = recs[(page - 1) * size: page * size]
+        cap = self.opts.page_cap
+        if cap and cap < size:
+            start = (page - 1) * (cap if self.opts.page_cap_offsets == "capped" else size)
+            chunk = recs[start: start + cap]
+        else:
+            chunk = recs[(page - 1) * size: page * size]
         return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "total_number": len(recs),
                                   "data": [r.listing() for r in chunk]})
+
+    def _ready(self, rec: Recording) -> bool:
+        return self.ready_at.get(rec.id, 0.0) <= self.clock.monotonic()
+
+    def _listed(self) -> list[Recording]:
+        return [r for r in self.recordings if self._ready(r)]
+
+    def delete_recording(self, rec: Recording) -> None:
+        """The PBX deletes a recording (Auto Cleanup, an administrator): gone from lists and downloads."""
+        self.recordings.remove(rec)
+        self.by_id.pop(rec.id, None)
+        self.by_file.pop(rec.file, None)
 
     async def recording_list(self, request: web.Request) -> web.Response:
         if not self._token_ok(request):
             return _error(10004)
-        answer = self._api_fault() or self._page(request, self.recordings)
+        answer = self._api_fault() or self._page(request, self._listed())
         page_no = request.query.get("page", "1")
         if page_no.isdigit():
             self.list_queries.append((int(page_no), request.query.get("order_by", "desc")))
         for _ in range(self.opts.grow_on_list):
             await self.add_recording()
+        for rec in sorted(self.recordings, key=lambda r: r.id)[:self.opts.cleanup_on_list]:
+            self.delete_recording(rec)
+            self.counters.cleaned_up += 1
         return answer
+
+    async def system_information(self, request: web.Request) -> web.Response:
+        if not self._token_ok(request):
+            return _error(10004)
+        return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "sn": self.opts.sn,
+                                  "firmware_version": self.opts.firmware, "system_date_format": "mm/dd/yyyy",
+                                  "system_time_format": "24h", "device_name": "Yeastar P570 (simulated)"})
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
         """The event WebSocket: topic_list, then 30012 events; 'heartbeat' within ws_idle_s or closed."""
@@ -421,14 +504,19 @@ class Simulator:
         try:
             while True:
                 try:
+                    # The PBX drops a socket on which the client sent nothing for ws_idle_s, however
+                    # many events it sent itself.
                     msg = await ws.receive(timeout=self.opts.ws_idle_s)
                 except TimeoutError:
+                    self.counters.heartbeats_late += 1
                     break
                 if msg.type != web.WSMsgType.TEXT:
                     break
                 if msg.data == "heartbeat":
                     self.counters.ws_heartbeats += 1
                     await ws.send_str("heartbeat response")
+                elif msg.data.lstrip().startswith("{"):
+                    await ws.send_str(json.dumps({"errcode": 0, "errmsg": "SUCCESS"}))  # the subscription
         finally:
             self.websockets.discard(ws)
             await ws.close()
@@ -441,7 +529,7 @@ class Simulator:
         if fault is not None:
             return fault
         q = request.query
-        recs = self.recordings
+        recs = self._listed()
         try:
             if "ids" in q:
                 wanted = {int(x) for x in q["ids"].split(",") if x.strip()}
@@ -457,26 +545,41 @@ class Simulator:
             recs = [r for r in recs if q["callee"] in r.call_to]
         return self._page(request, recs)
 
+    @property
+    def serves_mp3(self) -> bool:
+        return self.opts.format == "mp3" or bool(self.opts.mp3_transcode)
+
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[bool]:
-        """Count a request in flight; yields False when it breaks the mp3 one-at-a-time rule."""
+        """Count a request in flight; yields False when it breaks the mp3 one-at-a-time rule (with
+        ``mp3_busy_answer: wait`` a second request waits for the first instead, still counted)."""
         c = self.counters
-        violation = self.opts.format == "mp3" and c.in_flight >= 1
+        violation = self.serves_mp3 and c.in_flight >= 1
         if violation:
             c.mp3_violations += 1
         c.in_flight += 1
         c.max_concurrency = max(c.max_concurrency, c.in_flight)
         try:
-            yield not violation
+            if self.serves_mp3 and self.opts.mp3_busy_answer == "wait":
+                async with self._mp3_lock:
+                    yield True
+            else:
+                yield not violation
         finally:
             c.in_flight -= 1
+
+    def _mp3_busy(self) -> web.Response:
+        answer = self.opts.mp3_busy_answer
+        if answer == "503":
+            return web.Response(status=503, text="Service Unavailable", headers={"Retry-After": "1"})
+        return _error(-2 if answer == "-2" else 70082)
 
     async def recording_download(self, request: web.Request) -> web.Response:
         async with self._slot() as allowed:
             if not self._token_ok(request):
                 return _error(10004)
             if not allowed:
-                return _error(70082)
+                return self._mp3_busy()
             fault = self._api_fault()
             if fault is not None:
                 return fault
@@ -489,17 +592,20 @@ class Simulator:
                     return _error(40002)
             elif "file" in q:
                 rec = self.by_file.get(q["file"])
+                if rec is None and self.opts.mp3_transcode:
+                    rec = next((r for r in self.recordings if transcoded(r).file == q["file"]), None)
             else:
                 return _error(40002)
-            if rec is None:
+            if rec is None or not self._ready(rec):
                 return _error(60001)
             if rec.id in self.opts.fail_ids:
                 self.counters.faults["fail_id"] += 1
                 return web.Response(status=500, text="Internal Server Error")
-            ext = "mp3" if self.opts.format == "mp3" else "wav"
+            ext = "mp3" if self.serves_mp3 else "wav"
             name = f"Recording-X.7.0.6-1-download-{secrets.token_urlsafe(12)}.{ext}"
             self.urls[name] = _Url(rec, self.clock.monotonic() + self.opts.url_lifetime_s)
-            return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "file": rec.file,
+            told = transcoded(rec).file if self.opts.mp3_transcode == "mp3-name" else rec.file
+            return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "file": told,
                                       "download_resource_url": f"/api/download/{name}"})
 
     async def file_download(self, request: web.Request) -> web.StreamResponse:
@@ -507,16 +613,26 @@ class Simulator:
             if not self._token_ok(request):
                 return _error(10004)
             if not allowed:
-                return _error(70082)
+                return self._mp3_busy()
             name = request.match_info["name"]
             url = self.urls.get(name)
             if url is not None and self.rng.random() < self.opts.url_expired_rate:
                 # As if the 30 minutes had just run out between resolving and fetching.
                 self.counters.faults["url_expired"] += 1
                 url.expires_at = self.clock.monotonic() - 1
-            if url is None or url.expires_at <= self.clock.monotonic():
-                return web.Response(status=404, text="Not Found")
-            return await self._serve_file(request, url.rec)
+            if url is None or url.expires_at <= self.clock.monotonic() or url.rec.id not in self.by_id:
+                answer = self.opts.expired_url_answer
+                if answer == "60001":
+                    return _error(60001)
+                return web.Response(status=int(answer) if answer in ("403", "410") else 404, text="Not Found")
+            rec = transcoded(url.rec) if self.opts.mp3_transcode else url.rec
+            return await self._serve_file(request, rec)
+
+    def served_content(self, rec: Recording) -> bytes:
+        """The bytes a download of ``rec`` gives (mp3 when the PBX transcodes)."""
+        if self.opts.mp3_transcode:
+            return recording_bytes(self.opts.seed, "mp3", transcoded(rec))
+        return self.content(rec)
 
     async def _serve_file(self, request: web.Request, rec: Recording) -> web.StreamResponse:
         o = self.opts
@@ -548,8 +664,9 @@ class Simulator:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{rec.size}"})
             end = rec.size if last is None else min(last + 1, rec.size)
             status = 206
+        fmt = "mp3" if self.serves_mp3 else "wav"
         resp = web.StreamResponse(status=status)
-        resp.content_type = "audio/mpeg" if o.format == "mp3" else "audio/wav"
+        resp.content_type = "audio/mpeg" if fmt == "mp3" else "audio/wav"
         resp.content_length = end - start
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{rec.size}"
@@ -568,7 +685,7 @@ class Simulator:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             k = pos // BLOCK
-            block = recording_block(o.seed, o.format, rec, k)
+            block = recording_block(o.seed, fmt, rec, k)
             piece = block[pos - k * BLOCK: min(end - k * BLOCK, len(block))]
             if cut_at is not None and pos + len(piece) > cut_at:
                 piece = piece[: cut_at - pos]
@@ -595,11 +712,12 @@ class Simulator:
         """Test hook: ``{"expire_tokens": true, "expire_urls": true, "unblock": true, "options": {...}}``."""
         body = await self._json_body(request)
         self.control(expire_tokens=bool(body.get("expire_tokens")), expire_urls=bool(body.get("expire_urls")),
-                     unblock=bool(body.get("unblock")), options=body.get("options") or {})
+                     unblock=bool(body.get("unblock")), options=body.get("options") or {},
+                     inject=body.get("inject") or {})
         return web.json_response({"ok": True})
 
     def control(self, *, expire_tokens: bool = False, expire_urls: bool = False, unblock: bool = False,
-                options: dict[str, Any] | None = None) -> None:
+                options: dict[str, Any] | None = None, inject: dict[str, list[int]] | None = None) -> None:
         """Expire every token or URL now, lift IP blocks, or change fault options while serving."""
         if expire_tokens:
             for tok in self.tokens.values():
@@ -611,9 +729,13 @@ class Simulator:
             self.blocked_ips.clear()
             self.failed_by_ip.clear()
         if options:
-            allowed = {k: v for k, v in options.items()
-                       if k.endswith("_rate") or k in ("stall_s", "range_support", "bytes_per_second", "grow_on_list")}
+            live = ("stall_s", "range_support", "bytes_per_second", "grow_on_list", "page_cap", "page_cap_offsets",
+                    "close_after_response", "cleanup_on_list", "event_early_s", "mp3_busy_answer",
+                    "expired_url_answer", "api_version_error", "ws_idle_s")
+            allowed = {k: v for k, v in options.items() if k.endswith("_rate") or k in live}
             self.opts = replace(self.opts, **allowed)
+        for endpoint, codes in (inject or {}).items():
+            self.inject.setdefault(endpoint, []).extend(int(c) for c in codes)
 
 
 def _seconds(value: float) -> float | int:

@@ -25,6 +25,7 @@ from daemon.config import TlsConfig
 from daemon.errors import (
     FatalAuthError,
     PbxBusyError,
+    PbxConfigError,
     PbxUnavailableError,
     RecordingMissingError,
     RequestRejectedError,
@@ -46,16 +47,23 @@ from tests.conftest import SimFactory, pbx_config, serve_on_loopback
     (2, False, PbxBusyError, 1),
     (70082, False, PbxBusyError, 1),
     (99999, False, PbxBusyError, 1),
-    (10001, False, FatalAuthError, 3),
+    (1, False, PbxBusyError, 1),                   # PARTIAL SUCCESS: call_raw takes it as success first
+    (10001, False, PbxConfigError, 2),             # wrong path or firmware: a configuration error
+    (10002, False, PbxConfigError, 2),             # API version out of maintenance: pbx.api_path
+    (10003, True, PbxConfigError, 2),              # API version unsupported
     (10004, False, TokenExpiredError, 1),
-    (10005, False, FatalAuthError, 3),
+    (10005, False, PbxConfigError, 2),             # a permission: the PBX portal
     (40001, False, RequestRejectedError, 1),
     (40002, False, RequestRejectedError, 1),
+    (40003, False, RequestRejectedError, 1),
+    (40004, False, RequestRejectedError, 1),
     (60001, False, RecordingMissingError, 1),
     (60002, True, TokenLimitError, 4),
+    (60002, False, PbxBusyError, 1),               # outside get_token: a quantity limit, not the token limit
     (70004, True, FatalAuthError, 3),
+    (70084, False, PbxConfigError, 2),             # ACTION FORBIDDEN: a permission
     (70087, False, FatalAuthError, 3),
-    (70123, False, FatalAuthError, 3),
+    (70123, False, PbxConfigError, 2),
 ])
 def test_every_errcode_maps_to_the_decision_it_needs(errcode: int, login: bool, kind: type, exit_code: int) -> None:
     exc = error_for_errcode(errcode, "X", login=login, recording="7")
@@ -67,8 +75,25 @@ def test_every_errcode_maps_to_the_decision_it_needs(errcode: int, login: bool, 
 def test_missing_recording_ends_in_state_missing_and_token_limit_waits_minutes() -> None:
     missing = error_for_errcode(60001, "DATA NOT FOUND")
     assert isinstance(missing, RecordingMissingError) and missing.state == "missing"
-    limit = error_for_errcode(60002, "MAX", token_limit_backoff_s=600)
+    limit = error_for_errcode(60002, "MAX", token_limit_backoff_s=600, login=True)
     assert isinstance(limit, TokenLimitError) and limit.retry_after_s == 600
+
+
+@pytest.mark.parametrize(("value", "now", "wait"), [
+    (None, 1e9, None), (0, 1e9, None), ("soon", 1e9, None), (True, 1e9, None),
+    (300, 1.7e9, 300.0),                      # seconds to go
+    (1_700_000_600, 1_700_000_000, 600.0),    # a Unix time
+    (1_600_000_000, 1_700_000_000, 0.0),      # already past
+    (10**7, 1.7e9, 86400.0),                  # capped at a day
+])
+def test_block_wait(value: object, now: float, wait: float | None) -> None:
+    from daemon.client import block_wait_s
+    assert block_wait_s(value, now) == wait
+
+
+def test_70004_carries_when_the_block_lifts() -> None:
+    blocked = error_for_errcode(70004, "BLOCKED", block_wait=120.0)
+    assert isinstance(blocked, FatalAuthError) and blocked.retry_after_s == 120.0 and "120 s" in str(blocked)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -430,6 +455,7 @@ async def test_a_crashed_process_token_is_reused_not_leaked(start_sim: SimFactor
     await crashed.__aenter__()
     await crashed.check()
     await crashed.session.close()              # dies without revoking
+    await crashed.fresh_session.close()
     assert store.stat().st_mode & 0o777 == 0o600
     assert sim.counters.logins == 1
     for _ in range(3):                         # three more lives
@@ -441,6 +467,7 @@ async def test_a_crashed_process_token_is_reused_not_leaked(start_sim: SimFactor
         await crashed.__aenter__()
         await crashed.check()
         await crashed.session.close()
+        await crashed.fresh_session.close()
     assert sim.counters.logins == 4            # one per clean exit, none per crash
     assert sim.snapshot()["tokens_live"] == 1
 
@@ -452,6 +479,7 @@ async def test_a_stored_token_for_another_pbx_or_client_is_ignored(start_sim: Si
     await crashed.__aenter__()
     await crashed.check()
     await crashed.session.close()
+    await crashed.fresh_session.close()
     async with PbxClient(pbx_config(sim.base_url, client_id="other-app", secret=sim.opts.client_secret),
                          token_store=store) as other:
         assert not other.tokens.authenticated

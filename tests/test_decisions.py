@@ -143,12 +143,13 @@ def test_url_needs_refresh(now: float, url: DownloadUrl | None, margin: float, r
 
 
 @pytest.mark.parametrize(("configured", "seen", "exclusive_before", "exclusive_after"), [
-    ("auto", "x.wav", True, False),
-    ("auto", "x.mp3", True, True),
-    ("wav", "x.mp3", False, False),
-    ("mp3", "x.wav", True, True),
+    ("auto", "wav", True, False),
+    ("auto", "mp3", True, True),
+    ("auto", None, True, True),          # unknown: one at a time
+    ("wav", "mp3", False, True),         # mp3 served, whatever the config says: one at a time
+    ("mp3", "wav", True, True),          # configured mp3 stays exclusive
 ])
-def test_request_gate(configured: str, seen: str, exclusive_before: bool, exclusive_after: bool) -> None:
+def test_request_gate(configured: str, seen: str | None, exclusive_before: bool, exclusive_after: bool) -> None:
     gate = RequestGate(configured)
     assert gate.exclusive is exclusive_before
     gate.learn(seen)
@@ -157,8 +158,8 @@ def test_request_gate(configured: str, seen: str, exclusive_before: bool, exclus
 
 def test_request_gate_mp3_is_sticky_in_auto() -> None:
     gate = RequestGate("auto")
-    gate.learn("a.mp3")
-    gate.learn("b.wav")
+    gate.learn("mp3")
+    gate.learn("wav")
     assert gate.exclusive
 
 

@@ -437,29 +437,39 @@ class _Relay:
         import threading
         from urllib.parse import urlsplit
         parts = urlsplit(target)
-        self.target = (parts.hostname, parts.port)
+        self.target = (str(parts.hostname), int(parts.port or 80))
         self.silent = threading.Event()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
-        self.held: list[Any] = []
+        self.open: list[socket.socket] = []      # every socket made, closed by close()
+        self.threads: list[threading.Thread] = []
         self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._start(self._accept)
+
+    def _start(self, target: Any, *args: Any) -> None:
+        import threading
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
 
     def _accept(self) -> None:
         import socket
-        import threading
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.open.append(conn)
             if self.silent.is_set():
-                self.held.append(conn)
+                continue                        # held open, never answered
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
                 continue
-            upstream = socket.create_connection(self.target)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self.open.append(upstream)
+            self._start(self._pipe, conn, upstream)
+            self._start(self._pipe, upstream, conn)
 
     @staticmethod
     def _pipe(a: Any, b: Any) -> None:
@@ -469,15 +479,18 @@ class _Relay:
                 b.sendall(data)
         except OSError:
             pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        import socket
         self.sock.close()
-        for c in self.held:
+        for c in self.open:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
             c.close()
+        for t in self.threads:
+            t.join(timeout=5)
 
 
 def test_the_whole_stop_is_bounded_even_when_the_pbx_stops_answering(tmp_path: Path) -> None:

@@ -345,6 +345,7 @@ async def test_websocket_sends_30012_events_and_answers_heartbeats(start_sim: Si
         assert (await r.json())["errcode"] == 10004
     async with http.ws_connect(f"{sim.base_url}{API}/subscribe", params={"access_token": token}) as ws:
         await ws.send_str('{"topic_list":[30012]}')
+        assert json.loads((await ws.receive(timeout=5)).data) == {"errcode": 0, "errmsg": "SUCCESS"}
         await ws.send_str("heartbeat")
         assert (await ws.receive(timeout=5)).data == "heartbeat response"
         rec = await sim.add_recording()

@@ -81,13 +81,25 @@ async def test_a_body_that_is_not_the_recording_is_never_stored(fault_run: Fault
         assert fault_run.sim.counters.refreshes == 1
 
 
-async def test_a_json_not_found_in_place_of_audio_ends_missing(fault_run: FaultRun) -> None:
-    """Rows 10 and 12: errcode 60001 where the audio should be: state missing, not retried forever."""
+async def test_a_json_not_found_in_place_of_audio_asks_for_a_new_url_and_the_pbx_decides(fault_run: FaultRun) -> None:
+    """Rows 10, 12 and 35: errcode 60001 where the audio should be. From the file URL it may mean the URL
+    (what an expired URL answers is not documented): a new URL is asked for; only recording/download's
+    60001 makes the recording missing."""
     fault_run.raw.script[FIRST] = ["json_60001"]
     cfg = fault_run.config()
     result = await fault_run.once(cfg)
+    assert result.counts["done"] == 3 and result.stats.failed == 0
+    assert fault_run.raw.file_requests[FIRST] == 2
+    fault_run.assert_invariants(cfg, done={1000, 1001, 1002})
+
+
+async def test_a_recording_gone_from_the_pbx_ends_missing(fault_run: FaultRun) -> None:
+    """Row 12: recording/download answers 60001: state missing, not retried forever."""
+    fault_run.sim.delete_recording(fault_run.sim.by_id[FIRST])
+    cfg = fault_run.config(ids=[1000, 1001, 1002])
+    result = await fault_run.once(cfg)
     assert result.counts["missing"] == 1 and result.counts["done"] == 2
-    assert fault_run.raw.file_requests[FIRST] == 1
+    assert fault_run.raw.file_requests[FIRST] == 0
     fault_run.assert_invariants(cfg, done={1001, 1002})
 
 
