@@ -204,10 +204,12 @@ class ArchiveDir:
             return None
         try:
             try:
-                mfd = os.open(MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                mfd = os.open(MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
             except FileNotFoundError:
                 return None
             try:
+                if not stat.S_ISREG(os.fstat(mfd).st_mode):
+                    return None
                 text = os.read(mfd, 4096).decode("utf-8", "replace").strip()
             finally:
                 os.close(mfd)
@@ -308,8 +310,9 @@ class ArchiveDir:
 
     @staticmethod
     def hash_file(dir_fd: int, name: str) -> tuple[int, str, bytes]:
-        """(size, sha256, first 64 bytes) of a regular file, opened without following a symlink."""
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        """(size, sha256, first 64 bytes) of a regular file, opened without following a symlink (and
+        without blocking: a FIFO planted at the name must not hang the process)."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.ELOOP, f"{name!r} is not a regular file")
@@ -322,6 +325,21 @@ class ArchiveDir:
                 digest.update(chunk)
                 size += len(chunk)
             return size, digest.hexdigest(), head
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def read_regular(path: Path, limit: int = 1024 * 1024) -> bytes | None:
+        """The bytes of a small regular file (a sidecar), or None: never follows the last symlink, never
+        blocks on a FIFO, never reads more than ``limit``."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return os.read(fd, limit)
         finally:
             os.close(fd)
 

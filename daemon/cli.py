@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import re
@@ -11,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -389,6 +390,10 @@ def once_exit_code(result: RunResult) -> int:
         print(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.discovery_incomplete:
+        why = "stopped by a signal" if result.interrupted else "could not list every recording the PBX holds"
+        print(f"once: discovery {why}; what it found is archived; run once again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -440,9 +445,23 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
 
 
 # ---------------------------------------------------------------- status / enqueue / retry
-def _open_db(cfg: Config) -> LedgerDb:
-    from daemon.ledger import LedgerDb
-    return LedgerDb(cfg.state.path)
+@contextlib.contextmanager
+def _ledger(cfg: Config) -> Iterator[LedgerDb]:
+    """The ledger for one command, its SQLite and file errors (locked, read-only, disk full) turned
+    into a LedgerError that names ``state.path``: a clear line, exit 1, never a traceback."""
+    import sqlite3
+
+    from daemon.ledger import LedgerDb, ledger_error
+    try:
+        db = LedgerDb(cfg.state.path)
+    except (sqlite3.Error, OSError) as exc:
+        raise ledger_error(exc, cfg.state.path) from exc
+    try:
+        yield db
+    except sqlite3.Error as exc:
+        raise ledger_error(exc, cfg.state.path) from exc
+    finally:
+        db.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -454,8 +473,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         data: dict[str, Any] = {"counts": counts, "bytes_archived": 0, "recent_failures": [],
                                 "ledger": str(cfg.state.path), "ledger_exists": False}
     else:
-        db = _open_db(cfg)
-        try:
+        with _ledger(cfg) as db:
             data = {
                 "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
                 "pbx": {"sn": db.kv_get(KV_PBX_SN), "firmware": db.kv_get(KV_PBX_FIRMWARE)},
@@ -463,8 +481,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                                      "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
                 "ledger": str(cfg.state.path), "ledger_exists": True,
             }
-        finally:
-            db.close()
     if args.json:
         print(json.dumps(data))
         return EXIT_OK
@@ -523,11 +539,8 @@ def _parse_refs(texts: list[str]) -> list[Ref]:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     cfg = _load(args)
     refs = _parse_refs(args.refs)
-    db = _open_db(cfg)
-    try:
+    with _ledger(cfg) as db:
         added = db.enqueue(refs, source="cli", now=time.time())
-    finally:
-        db.close()
     print(f"enqueue: {added} added, {len(refs) - added} already known")
     return EXIT_OK
 
@@ -535,11 +548,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keys = [r.key for r in _parse_refs(args.refs)] if args.refs else None
-    db = _open_db(cfg)
-    try:
+    with _ledger(cfg) as db:
         n = db.retry(keys, now=time.time())
-    finally:
-        db.close()
     print(f"retry: {n} recording(s) back to pending")
     return EXIT_OK
 
@@ -640,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
     except ConfigError as exc:
         return _config_failed(exc)
+    except (WrongArchiveError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return result

@@ -335,13 +335,16 @@ class Discovery:
                 backoff = min(backoff * 2, 60.0)
 
     # ---------------------------------------------------------------- lifecycles
-    async def run_once(self) -> None:
-        """``once``: poll and back-fill to the end, so that everything the PBX holds is queued."""
+    async def run_once(self, stop: asyncio.Event | None = None) -> bool:
+        """``once``: poll and back-fill to the end, so that everything the PBX holds is queued. False
+        when ``stop`` came first (the back-fill resumes where it stopped next time)."""
         await self.start()
         await self.resume_backfill()
         await self.poll_new()
         while not await self.backfill_step():
-            pass
+            if stop is not None and stop.is_set():
+                return False
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """``run``: the poll loop, the back-fill, the sweep loop and (if enabled) the event listener."""

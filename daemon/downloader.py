@@ -116,14 +116,31 @@ def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int,
         window_bytes < min_bytes_per_second * window_s
 
 
-def verification_problem(size: int, head: bytes, listing_size: int | None) -> str | None:
-    """Why a complete transfer is not the recording, or None when it is. Pure."""
+def wav_declared_size(head: bytes) -> int | None:
+    """The file size a RIFF/WAVE header declares (its chunk size + 8); None for anything else, or for
+    the 0 / 0xFFFFFFFF that streaming writers put there when they do not know it. Pure."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    riff = int.from_bytes(head[4:8], "little")
+    return None if riff in (0, 0xFFFFFFFF) else riff + 8
+
+
+def verification_problem(size: int, head: bytes, listing_size: int | None, *, length_known: bool = True
+                         ) -> str | None:
+    """Why a complete transfer is not the recording, or None when it is. Pure.
+
+    ``length_known``: the answer declared its length (Content-Length or Content-Range). When it did
+    not, a body that just stops (the PBX closed the connection) proves nothing about being whole:
+    a WAV header that declares more bytes than arrived then says it was cut."""
     if size == 0:
         return "the PBX sent an empty body"
     if listing_size is not None and size != listing_size:
         return f"got {size} bytes but the PBX lists {listing_size}"
     if not looks_like_audio(head):
         return "the body is not audio (no RIFF/WAVE, ID3 or MPEG frame header)"
+    declared = wav_declared_size(head)
+    if not length_known and declared is not None and declared > size:
+        return f"the body ended at {size} bytes, but its WAV header says {declared}"
     return None
 
 
@@ -144,6 +161,7 @@ class _Body:
     sha256: str
     head: bytes
     content_type: str | None
+    length_known: bool = True
 
 
 class Downloader:
@@ -301,7 +319,8 @@ class Downloader:
                     dir_fd = moved_fd = new_fd
                 rel = new_rel
             # A broken transfer keeps a checkpointed temp file: the ledger says how much of it to trust.
-            problem = verification_problem(body.size, body.head, expected_listing_size(row, fmt))
+            problem = verification_problem(body.size, body.head, expected_listing_size(row, fmt),
+                                           length_known=body.length_known)
             if problem is not None:
                 await self._discard(row, dir_fd, part)
                 raise TransferError(problem, recording=row.ref)
@@ -367,6 +386,14 @@ class Downloader:
         head = b""
         if keep:
             head, digest = await asyncio.to_thread(_hash_prefix, fd, keep)
+            if row.part_sha256 is not None and digest.hexdigest() != row.part_sha256:
+                # The temp file changed since its checkpoint (a disk fault, a hand): never splice it.
+                log.warning("download.checkpoint_mismatch", recording=row.ref, kept=keep,
+                            action="starting again from byte 0")
+                await asyncio.to_thread(_truncate, fd)
+                await self._checkpoint(row.key, None, 0)
+                checkpointed[0] = 0
+                keep, digest, head = 0, hashlib.sha256(), b""
         dl = self.cfg.downloads
         floor = ThroughputFloor(self.clock, dl.min_bytes_per_second, dl.throughput_window_s, row.ref)
         async with self.gate.slot(), self._counted(), \
@@ -414,14 +441,14 @@ class Downloader:
                         await out.flush()
                         await asyncio.to_thread(os.fsync, fd)
                         synced = size
-                        await self._checkpoint(row.key, part_rel, synced)
+                        await self._checkpoint(row.key, part_rel, synced, digest.copy().hexdigest())
                         checkpointed[0] = synced
                 await flush()
             expected = stream.total if stream.total is not None else (
                 stream.start + stream.length if stream.length is not None else None)
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
-        return _Body(size, digest.hexdigest(), head, stream.content_type)
+        return _Body(size, digest.hexdigest(), head, stream.content_type, length_known=expected is not None)
 
     @contextlib.asynccontextmanager
     async def _counted(self) -> AsyncIterator[None]:
@@ -431,8 +458,8 @@ class Downloader:
         finally:
             self.in_flight -= 1
 
-    async def _checkpoint(self, key: str, part_rel: str | None, synced: int) -> None:
-        await self.ledger.call(lambda db: db.set_part(key, part_rel, synced))
+    async def _checkpoint(self, key: str, part_rel: str | None, synced: int, sha256: str | None = None) -> None:
+        await self.ledger.call(lambda db: db.set_part(key, part_rel, synced, sha256))
 
     async def _commit_elsewhere(self, row: Row, dir_fd: int, rel: PurePosixPath, part: str,
                                 sha: str, written: os.stat_result) -> PurePosixPath:
@@ -444,7 +471,10 @@ class Downloader:
             try:
                 if n and await asyncio.to_thread(ArchiveDir.commit, dir_fd, part, candidate, written):
                     return rel.parent / candidate
-                _, existing_sha, _ = await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, candidate)
+                st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, candidate)
+                # A folder, a symlink, a FIFO at the name: somebody else's, never opened, kept as it is.
+                existing_sha = None if st is None or not stat.S_ISREG(st.st_mode) else \
+                    (await asyncio.to_thread(ArchiveDir.hash_file, dir_fd, candidate))[1]
             except OSError as exc:
                 raise self._os_error(exc, f"committing {str(rel.parent / candidate)!r} failed", row) from exc
             if existing_sha == sha:
@@ -459,22 +489,44 @@ class Downloader:
     async def _finish(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str, size: int, sha: str, *,
                       downloaded: bool) -> Archived:
         now = self.clock.wall()
+        completion: dict[str, Any] = {"key": row.key, "final_path": str(rel), "size": size, "sha256": sha,
+                                      "now": now, "file": served or row.file}
         try:
-            rec_id = await self.ledger.complete(row.key, final_path=str(rel), size=size, sha256=sha, now=now,
-                                                file=served or row.file)
+            rec_id = await self.ledger.complete(**completion)
         except LedgerError as exc:
-            raise CommitNotRecorded(exc, {"key": row.key, "final_path": str(rel), "size": size, "sha256": sha,
-                                          "now": now, "file": served or row.file}) from exc
-        if self.cfg.archive.sidecar:
-            data = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=served or row.file,
-                                size=size, sha256=sha, archived_at=now, meta=row.meta, pbx_sn=self.pbx_sn)
-            try:
-                await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
-            except OSError as exc:
-                # The recording itself is safe; start-up reconciliation writes missing sidecars.
-                log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(exc))
+            raise CommitNotRecorded(exc, completion) from exc
+        await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
         log.info("download.completed", recording=row.ref, path=str(rel), size=size, downloaded=downloaded)
         return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded)
+
+    async def complete_later(self, row: Row, completion: dict[str, Any]) -> None:
+        """Record a recording that was committed while the ledger could not take it, then write its
+        sidecar (raises LedgerError while the ledger still fails)."""
+        rec_id = await self.ledger.complete(**completion)
+        rel = PurePosixPath(completion["final_path"])
+        try:
+            dir_fd = await asyncio.to_thread(self.archive.open_dir, rel.parent, create=False)
+        except OSError as exc:
+            log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(exc))
+            return
+        try:
+            await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
+        finally:
+            os.close(dir_fd)
+        log.info("download.completed", recording=row.ref, path=str(rel), size=completion["size"], late=True)
+
+    async def _write_sidecar(self, row: Row, dir_fd: int, rel: PurePosixPath, completion: dict[str, Any],
+                             rec_id: int | None) -> None:
+        if not self.cfg.archive.sidecar:
+            return
+        data = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=completion["file"],
+                            size=completion["size"], sha256=completion["sha256"], archived_at=completion["now"],
+                            meta=row.meta, pbx_sn=self.pbx_sn)
+        try:
+            await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
+        except OSError as exc:
+            # The recording itself is safe; start-up reconciliation writes missing sidecars.
+            log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(exc))
 
 
 def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:

@@ -42,13 +42,15 @@ CREATE TABLE IF NOT EXISTS recordings (
     last_error TEXT,
     size INTEGER, time TEXT, uid TEXT, call_from TEXT, call_to TEXT, call_type TEXT, duration INTEGER,
     final_path TEXT, bytes INTEGER, sha256 TEXT,
-    part_path TEXT, part_synced INTEGER NOT NULL DEFAULT 0,
+    part_path TEXT, part_synced INTEGER NOT NULL DEFAULT 0, part_sha256 TEXT,
     source TEXT, created_at REAL, updated_at REAL, done_at REAL
 );
 CREATE INDEX IF NOT EXISTS recordings_due ON recordings(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS recordings_file ON recordings(file);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+MIGRATIONS = (("part_sha256", "TEXT"),)
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -111,6 +113,7 @@ class Row:
     done_at: float | None = None
     created_at: float | None = None
     source: str | None = None
+    part_sha256: str | None = None    # the sha256 of the checkpointed prefix: a resume checks it
 
     @property
     def ref(self) -> str:
@@ -119,7 +122,7 @@ class Row:
 
 _ROW_COLUMNS = ("key, rec_id, file, state, attempts, next_attempt_at, last_error, "
                 + ", ".join(META_FIELDS) + ", final_path, bytes, sha256, part_path, part_synced, done_at, "
-                "created_at, source")
+                "created_at, source, part_sha256")
 
 
 def _row(r: sqlite3.Row) -> Row:
@@ -127,7 +130,7 @@ def _row(r: sqlite3.Row) -> Row:
                next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
                meta={f: r[f] for f in META_FIELDS if r[f] is not None}, final_path=r["final_path"],
                bytes=r["bytes"], sha256=r["sha256"], part_path=r["part_path"], part_synced=r["part_synced"],
-               done_at=r["done_at"], created_at=r["created_at"], source=r["source"])
+               done_at=r["done_at"], created_at=r["created_at"], source=r["source"], part_sha256=r["part_sha256"])
 
 
 def ledger_error(exc: BaseException, path: Path) -> LedgerError:
@@ -169,6 +172,11 @@ class LedgerDb:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     c.execute(statement)
+            # Columns added since the first release, for ledgers made by an older version.
+            have = {r["name"] for r in c.execute("PRAGMA table_info(recordings)")}
+            for column, decl in MIGRATIONS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE recordings ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self.conn.close()
@@ -204,9 +212,23 @@ class LedgerDb:
                     by_name = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE rec_id IS NULL AND "
                                         "file IN (?, ?, ?) ORDER BY rowid LIMIT 1", name_variants(ref.file)).fetchone()
                     if by_name is not None and by_name["state"] == "done":
-                        if c.execute("SELECT 1 FROM recordings WHERE key = ?", (ref.key,)).fetchone() is None:
+                        mine = c.execute("SELECT state, final_path FROM recordings WHERE key = ?",
+                                         (ref.key,)).fetchone()
+                        if mine is None:
                             self._insert_done_copy(c, ref, by_name, source=source, now=now)
                             added += 1
+                        elif mine["state"] == "in_progress" or (
+                                mine["state"] == "done" and mine["final_path"] != by_name["final_path"]):
+                            # In progress: its worker binds the name and takes this result. Both done
+                            # at different paths: two files exist; neither row's evidence is dropped.
+                            continue
+                        elif mine["state"] != "done":
+                            # The id row (waiting, failed, missing) takes what its name row archived.
+                            c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
+                                      "file = COALESCE(file, ?), done_at = ?, last_error = NULL, attempts = 0, "
+                                      "lease_until = NULL, part_path = NULL, part_synced = 0, updated_at = ? "
+                                      "WHERE key = ?", (by_name["final_path"], by_name["bytes"], by_name["sha256"],
+                                                        by_name["file"], by_name["done_at"], now, ref.key))
                         c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
                         continue
                     if by_name is not None and by_name["state"] != "in_progress":
@@ -274,9 +296,11 @@ class LedgerDb:
             "SELECT MIN(next_attempt_at) FROM recordings WHERE state = 'pending'").fetchone()[0]
         return int(active), nxt
 
-    def set_part(self, key: str, part_path: str | None, synced: int) -> None:
+    def set_part(self, key: str, part_path: str | None, synced: int, sha256: str | None = None) -> None:
+        """Record (or clear) a transfer's resume point: its temp file, the bytes fsynced, their sha256."""
         with self.write() as c:
-            c.execute("UPDATE recordings SET part_path = ?, part_synced = ? WHERE key = ?", (part_path, synced, key))
+            c.execute("UPDATE recordings SET part_path = ?, part_synced = ?, part_sha256 = ? WHERE key = ?",
+                      (part_path, synced, sha256, key))
 
     def bind_name(self, key: str, served: str) -> tuple[str, Row | None]:
         """The PBX told the file name it serves for ``key``'s recording: make sure no other row

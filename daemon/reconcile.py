@@ -89,9 +89,10 @@ def check_identity(db: LedgerDb, archive: ArchiveDir) -> str:
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    raw = ArchiveDir.read_regular(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 

@@ -49,6 +49,7 @@ class RunResult:
     gave_up: bool = False
     untrusted: TlsError | None = None   # the PBX's certificate was rejected (``once``: exit 4)
     interrupted: bool = False           # stopped by a signal before the queue was drained
+    discovery_incomplete: bool = False  # once: discovery could not list everything the PBX holds
 
     @property
     def left(self) -> int:
@@ -150,11 +151,11 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         if reload is not None and not once:
             background.start(supervise("reload", lambda: _reload_on_signal(reload, cfg, scheduler, client, queue),
                                        loops, clock, stop), "reload")
-        discovery_stop: ArchiverError | None = None
+        discovered = DiscoverOnce()
         if cfg.sources.discover.enabled:
             discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify, loops)
             if once:
-                discovery_stop = await _discover_once(discovery, clock, stop)
+                discovered = await _discover_once(discovery, clock, stop)
             else:
                 background.start(supervise("discovery", lambda: discovery.run(stop), loops, clock, stop),
                                  "discovery")
@@ -166,7 +167,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             notifier = Notifier(cfg.notify, health, clock, cfg.pbx.user_agent)
             finishing.append(asyncio.create_task(notifier.run(done), name="notifier"))
         try:
-            if discovery_stop is not None:
+            if discovered.stop is not None or stop.is_set():
                 stats = scheduler.stats   # the PBX refused us or is untrusted: nothing to try
             else:
                 stats = await scheduler.run()
@@ -179,8 +180,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                 await asyncio.wait_for(asyncio.gather(*finishing, return_exceptions=True),
                                        max(0.1, tail_deadline - clock.monotonic()))
             client.close_timeout_s = max(0.1, min(cfg.pbx.timeout_s, tail_deadline - clock.monotonic()))
-        fatal = scheduler.fatal or (discovery_stop if isinstance(discovery_stop, FatalAuthError) else None)
-        untrusted = scheduler.untrusted or (discovery_stop if isinstance(discovery_stop, TlsError) else None)
+        fatal = scheduler.fatal or (discovered.stop if isinstance(discovered.stop, FatalAuthError) else None)
+        untrusted = scheduler.untrusted or (discovered.stop if isinstance(discovered.stop, TlsError) else None)
         counts = await ledger.call(lambda db: db.counts())
     elapsed = clock.monotonic() - started
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
@@ -188,7 +189,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
              pauses=stats.pauses, bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2),
              ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
-                     gave_up=scheduler.gave_up, untrusted=untrusted, interrupted=stop.is_set())
+                     gave_up=scheduler.gave_up, untrusted=untrusted, interrupted=stop.is_set(),
+                     discovery_incomplete=discovered.incomplete)
 
 
 async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, stop: asyncio.Event,
@@ -383,18 +385,26 @@ async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Sched
         current = with_keys(current, new, live)
 
 
-async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> ArchiverError | None:
-    """Queue everything the PBX holds before ``once`` works it off; PBX trouble is retried a few times.
-    Returns the error that must end ``once`` at once (refused credentials, an untrusted certificate)."""
+@dataclass(frozen=True)
+class DiscoverOnce:
+    """How ``once``'s discovery went: the error that must end ``once`` at once (refused credentials,
+    an untrusted certificate), or whether it could not list everything (then ``once`` exits 5)."""
+
+    stop: ArchiverError | None = None
+    incomplete: bool = False
+
+
+async def _discover_once(discovery: Discovery, clock: Clock, stop: asyncio.Event) -> DiscoverOnce:
+    """Queue everything the PBX holds before ``once`` works it off; PBX trouble is retried a few times,
+    a signal ends it between two pages."""
     for attempt in range(1, DISCOVER_ONCE_TRIES + 1):
         try:
-            await discovery.run_once()
-            return None
+            return DiscoverOnce(incomplete=not await discovery.run_once(stop))
         except (FatalAuthError, TlsError) as exc:
-            return exc
+            return DiscoverOnce(stop=exc)
         except ArchiverError as exc:
             log.warning("discover.once_failed", attempt=attempt, error=str(exc))
             if attempt == DISCOVER_ONCE_TRIES or await sleep_or_stop(clock, 2.0 ** attempt, stop):
-                log.error("discover.gave_up", action="archiving what is queued so far")
-                return None
-    return None
+                log.error("discover.gave_up", action="archiving what is queued so far; run once again")
+                return DiscoverOnce(incomplete=True)
+    return DiscoverOnce(incomplete=True)

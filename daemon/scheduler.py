@@ -17,7 +17,7 @@ import asyncio
 import functools
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,8 @@ class Scheduler:
         self._probed_streak = 0
         self._busy_keys: list[str] = []   # different recordings in the current run of PBX-busy failures
         self._auth_failures = 0
-        self._unsaved: dict[str, Callable[[LedgerDb], Any]] = {}
+        self._unsaved: dict[str, Callable[[], Awaitable[Any]]] = {}   # ledger writes to apply when it works
+        self._saving = asyncio.Lock()
         self._url_turns: dict[str, int] = {}   # recording -> turns in a row that ended in expired URLs
         self._finished = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -232,11 +233,14 @@ class Scheduler:
         await self._process(row)
 
     async def _save_unsaved(self) -> None:
-        """Apply the ledger writes that failed, oldest first; raises LedgerError while it still fails."""
-        for key, fn in list(self._unsaved.items()):
-            await self.ledger.call(fn)
-            del self._unsaved[key]
-            log.info("ledger.write_recovered", recording=key)
+        """Apply the ledger writes that failed, oldest first, each exactly once (one worker at a time:
+        a reschedule applied twice would burn two attempts). Raises LedgerError while it still fails."""
+        async with self._saving:
+            while self._unsaved:
+                key, write = next(iter(self._unsaved.items()))
+                await write()
+                del self._unsaved[key]
+                log.info("ledger.write_recovered", recording=key)
 
     async def _ledger_write(self, row: Row, fn: Callable[[LedgerDb], Any]) -> Any:
         """A ledger write for a claimed row; if the ledger fails, the write is kept for later and the
@@ -244,7 +248,7 @@ class Scheduler:
         try:
             return await asyncio.shield(self.ledger.call(fn))
         except LedgerError as exc:
-            self._unsaved[row.key] = fn
+            self._unsaved[row.key] = functools.partial(self.ledger.call, fn)
             self._pause(exc, "LedgerError")
             log.warning("ledger.write_deferred", recording=row.ref, error=str(exc))
             return None
@@ -276,8 +280,7 @@ class Scheduler:
             self._on_fatal(exc)
         except CommitNotRecorded as exc:
             # The file is safely on disk; only its ledger row lags. Record it when the ledger works.
-            completion = exc.completion
-            self._unsaved[row.key] = lambda db: db.complete_many([completion])
+            self._unsaved[row.key] = functools.partial(self.downloader.complete_later, row, exc.completion)
             self._pause(exc, "LedgerError")
         except TlsError as exc:
             await self._release(row)

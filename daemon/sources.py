@@ -7,6 +7,7 @@ import functools
 import os
 import random
 import re
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,7 @@ class QueueTail:
         self._partial = b""
         self._overlong = False         # inside a line past MAX_LINE_BYTES: drop bytes up to its newline
         self._head = b""
+        self._last = b""               # the bytes just before ``_offset``: a rewrite in place changes them
         self._mtime_ns = 0
         self._missing_logged = False
         self.behind = False  # the last poll stopped at READ_BYTES: poll again at once
@@ -119,18 +121,26 @@ class QueueTail:
         if reason is not None:
             log.info("queue.reopened", path=str(self.path), reason=reason)
         self._offset, self._lineno, self._partial, self._head, self._overlong = 0, 0, b"", b"", False
+        self._last = b""
 
     def _open(self) -> bool:
         """(Re)open the path; False when it is absent."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            # Non-blocking: a FIFO at the path must not hang the process (reads never block on files).
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
             if not self._missing_logged:
                 log.warning("queue.missing", path=str(self.path))
                 self._missing_logged = True
             return False
-        self._missing_logged = False
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            if not self._missing_logged:
+                log.warning("queue.not_a_file", path=str(self.path), action="skipped until it is a regular file")
+                self._missing_logged = True
+            return False
+        self._missing_logged = False
         self.close()
         self._fd = fd
         inode = (st.st_dev, st.st_ino)
@@ -147,9 +157,12 @@ class QueueTail:
         why = None
         if st.st_size < self._offset:
             why = "truncated"
-        elif st.st_mtime_ns != self._mtime_ns and self._head and os.pread(self._fd, len(self._head), 0) != self._head:
-            # Truncated and written again between two polls, perhaps to a larger size: the first bytes
-            # tell. Re-reading is harmless; the ledger knows what it has.
+        elif st.st_mtime_ns != self._mtime_ns and self._head and (
+                os.pread(self._fd, len(self._head), 0) != self._head
+                or os.pread(self._fd, len(self._last), self._offset - len(self._last)) != self._last):
+            # Truncated and written again between two polls, perhaps to a larger size: the first bytes,
+            # or those just before where reading stopped, tell (an append changes neither).
+            # Re-reading is harmless; the ledger knows what it has.
             why = "rewritten"
         self._mtime_ns = st.st_mtime_ns
         return why
@@ -180,6 +193,7 @@ class QueueTail:
         self.behind = len(data) == READ_BYTES
         if len(self._head) < 64:
             self._head = (self._head + data)[:64]
+        self._last = (self._last + data)[-64:]
         self._offset += len(data)
         lines = self._lines(data, take_tail=final and not self.behind)
         parsed = parse_lines(lines, self._lineno + 1)
