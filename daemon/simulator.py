@@ -188,6 +188,7 @@ class Simulator:
         self.opts = opts or SimOptions()
         self.clock = clock or SystemClock()
         self.recordings = make_recordings(self.opts)
+        self.all_recordings = list(self.recordings)      # deleted ones included (tests ask what was served)
         self.by_id = {r.id: r for r in self.recordings}
         self.by_file = {r.file: r for r in self.recordings}
         self.tokens: dict[str, _Token] = {}
@@ -235,8 +236,9 @@ class Simulator:
     async def add_recording(self, *, msg_as_object: bool = False) -> Recording:
         """A call just ended: a new recording appears, and subscribers get a 30012 event (which comes
         ``event_early_s`` before the file can be served)."""
-        rec = make_recording(self.opts, len(self.recordings))
+        rec = make_recording(self.opts, len(self.all_recordings))
         self.recordings.append(rec)
+        self.all_recordings.append(rec)
         self.by_id[rec.id] = rec
         self.by_file[rec.file] = rec
         if self.opts.event_early_s > 0:
