@@ -36,11 +36,12 @@ test-lowest: $(VENV)/.stamp-test promtool
 	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip list | grep -E -i '^(aiohttp|aiofiles|pyyaml|structlog|prometheus-client) '
 	PATH=$(CURDIR)/$(LOWEST)/bin:$$PATH $(LOWEST)/bin/pytest -p no:cacheprovider
 
-# The container's lock: pyproject.toml's dependencies and deploy/image-requirements.in, pinned with
-# the hashes of every file of each release (any platform, Python >= 3.11). The Dockerfile installs
+# The container's lock: pyproject.toml's dependencies with the s3 extra (the image makes off-box copies)
+# and deploy/image-requirements.in, pinned with the hashes of every file of each release (any platform,
+# Python >= 3.11). The Dockerfile installs
 # it with --require-hashes. Rerun to take newer releases; test-lowest keeps the floors honest.
 lock: $(VENV)/.stamp-test
-	$(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+	$(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 --extra s3 \
 	    --output-file requirements.lock pyproject.toml deploy/image-requirements.in
 
 # The config's JSON Schema, generated from the dataclasses in daemon/config.py (descriptions from

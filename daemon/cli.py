@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending").add_argument(
         "refs", nargs="*", metavar="REF")
     command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
+    verify = command("verify", cmd_verify, "re-read every archived copy (local and S3), report and mend damage")
+    verify.add_argument("--json", action="store_true", help="one JSON object")
+    verify.add_argument("--read-data", action="store_true", help="read S3 objects back in full (not only HEAD)")
+    verify.add_argument("refs", nargs="*", metavar="REF", help="only these recordings (ids or file names)")
     command("health", cmd_health, "ask a running `run` whether it is alive (exit 0) or not (exit 1)").add_argument(
         "--url", help="the /livez URL (default: from service.listen in the config)")
     add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))
@@ -259,7 +263,86 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"check: PBX not usable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(f"check: OK: {report}")
+    if cfg.archive.s3 is not None:
+        return _check_s3(cfg)
     return EXIT_OK
+
+
+def _check_s3(cfg: Config) -> int:
+    """The bucket exists and takes the credentials; say whether it keeps versions and locks objects."""
+    import asyncio
+
+    from daemon.destinations import S3Destination
+    from daemon.errors import DestinationConfigError, DestinationRefusedError
+    s3 = cfg.archive.s3
+    assert s3 is not None
+
+    async def probe() -> str:
+        async with S3Destination(s3) as dest:
+            report = await dest.check()
+        advice = "" if report.object_lock not in (None, "off") else \
+            " (for WORM retention, enable Object Lock with a default retention on the bucket)"
+        return (f"bucket {s3.bucket!r} at {s3.endpoint_url or 'AWS ' + s3.region}: versioning "
+                f"{report.versioning or 'unknown'}, Object Lock {report.object_lock or 'unknown'}{advice}")
+    try:
+        text = asyncio.run(probe())
+    except DestinationConfigError as exc:
+        print(f"check: the S3 bucket is not as configured: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DestinationRefusedError as exc:
+        print(f"check: S3 refused us: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ArchiverError as exc:
+        print(f"check: S3 not usable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"check: OK: {text}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every copy is whole, 1 when any problem was found (and mended where it could be)."""
+    import asyncio
+
+    from daemon.archive import ArchiveDir
+    from daemon.clock import SystemClock
+    from daemon.ledger import Ledger, RunLock
+    from daemon.verify import Verifier
+    cfg = _load(args)
+    refs = _parse_refs(args.refs) if args.refs else None
+
+    async def main() -> Any:
+        archive = ArchiveDir(cfg.archive.dir)
+        archive.check_root()
+        lock = RunLock(cfg.state.path)
+        try:
+            lock.acquire()
+            repair = True
+        except StorageError:
+            repair = False   # a run is working: report, and leave the mending to it or to a later verify
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                ledger = await stack.enter_async_context(Ledger(cfg.state.path))
+                keys = None
+                if refs is not None:
+                    keys = await ledger.call(lambda db: [k for r in refs for k in db.keys_for(r)])
+                dest = None
+                if cfg.archive.s3 is not None:
+                    from daemon.destinations import S3Destination
+                    dest = await stack.enter_async_context(S3Destination(cfg.archive.s3))
+                verifier = Verifier(ledger, archive, SystemClock(), dest=dest, repair=repair)
+                return await verifier.run(keys, read_data=args.read_data)
+        finally:
+            lock.release()
+    report = asyncio.run(main())
+    if args.json:
+        print(json.dumps(report.as_json()))
+    else:
+        note = "" if report.repaired else " (not mended: a run holds the ledger)"
+        print(f"verify: {report.checked} recording(s) checked, {report.bytes_read / 1e6:.1f} MB read, "
+              f"{len(report.problems)} problem(s){note}")
+        for p in report.problems:
+            print(f"  {p.recording}  {p.copy}  {p.kind}  {p.where}: {p.detail}; {p.action}")
+    return EXIT_FAILED_ITEMS if report.problems else EXIT_OK
 
 
 def _config_failed(exc: ConfigError) -> int:
@@ -381,6 +464,14 @@ def once_exit_code(result: RunResult) -> int:
     if result.untrusted is not None:
         print(f"once: the PBX's certificate is not trusted: {result.untrusted}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if result.copy_error is not None:
+        print(f"once: the off-box copy is refused: {result.copy_error}; {result.left} recording(s) are archived "
+              "locally but not copied", file=sys.stderr)
+        return result.copy_error.exit_code
+    if result.copy_gave_up:
+        print(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
+              "locally but not copied: run once again", file=sys.stderr)
+        return EXIT_UNREACHABLE
     if result.counts.get("failed", 0):
         if result.left:
             print(f"once: {result.left} recording(s) left pending; run once again to continue", file=sys.stderr)
@@ -480,6 +571,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "recent_failures": [{"recording": r.ref, "state": r.state, "attempts": r.attempts,
                                      "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
                 "ledger": str(cfg.state.path), "ledger_exists": True,
+                "copies": db.copy_counts(), "verify": verify_status(db),
             }
     if args.json:
         print(json.dumps(data))
@@ -498,11 +590,28 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{'done' if backfill.get('done') else 'at page ' + str(backfill.get('page'))}, "
               f"last poll {disc.get('last_poll_at') or 'never'}, last event {disc.get('last_event_at') or 'never'}, "
               f"last sweep {disc.get('last_sweep_at') or 'never'}")
+    for dest, states in sorted((data.get("copies") or {}).items()):
+        print(f"copies to {dest}: " + "  ".join(f"{state}: {states.get(state, 0)}"
+                                                 for state in ("pending", "repair", "done")))
+    last = data.get("verify") or {}
+    if last:
+        print(f"verify: last walk {last['at']}, {last['checked']} checked, {last['problems']} problem(s)")
     if data["recent_failures"]:
         print("recent failures:")
         for f in data["recent_failures"]:
             print(f"  {f['recording']}  {f['state']}  attempts={f['attempts']}  {f['error']}")
     return EXIT_OK
+
+
+def verify_status(db: LedgerDb) -> dict[str, Any]:
+    """The last verify walk (``verify`` or run's background walk), as status shows it ({} if never)."""
+    from daemon.verify import KV_LAST_REPORT
+    try:
+        report = json.loads(db.kv_get(KV_LAST_REPORT) or "")
+        at = dt.datetime.fromtimestamp(float(report["at"]), dt.UTC).isoformat(timespec="seconds")
+        return {"at": at, "checked": int(report["checked"]), "problems": int(report["problems"])}
+    except (ValueError, TypeError, KeyError):
+        return {}
 
 
 def discovery_status(db: LedgerDb) -> dict[str, Any]:

@@ -109,11 +109,39 @@ class SourcesConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """An off-box copy in an S3-compatible bucket (``archive.s3``)."""
+
+    bucket: str
+    access_key_id: str
+    secret_access_key: Secret
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    prefix: str = ""
+    secret_access_key_file: Path | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    part_size_bytes: int = 16 * 1024 * 1024
+    workers: int = 4
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ArchiveConfig:
     dir: Path
     layout: str = DEFAULT_LAYOUT
     sidecar: bool = True
     min_free_bytes: int = 256 * 1024 * 1024
+    keep_local: bool = True
+    s3: S3Config | None = None
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``run``'s slow background walk over the archive (``verify``)."""
+
+    interval_s: float = 0.0             # 0: never in the background; `verify` on demand only
+    max_bytes_per_second: int = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,6 +196,7 @@ class Config:
     service: ServiceConfig
     logging: LoggingConfig
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -403,6 +432,65 @@ def _discover(d: _Reader) -> DiscoverConfig:
     return cfg
 
 
+def _s3(arc: _Reader, problems: list[str], warnings: list[str]) -> S3Config | None:
+    """``archive.s3``, every problem collected."""
+    d = arc.section("s3")
+    bucket = d.get("bucket", _text, _MISSING, "the bucket name", check=lambda v: 3 <= len(v.strip()) <= 63)
+    endpoint = d.get("endpoint_url", _endpoint_url, None, "an http:// or https:// URL without user:password@, "
+                     "or null for AWS")
+    region = d.get("region", _text, "us-east-1", "a region name such as us-east-1", check=lambda v: bool(v.strip()))
+    prefix = d.get("prefix", _text, "", "a key prefix such as recordings/ (no leading /)",
+                   check=lambda v: not v.startswith("/") and ".." not in v.split("/"))
+    key_id = d.get("access_key_id", _text, _MISSING, "the access key id", check=lambda v: bool(v.strip()))
+    has_secret = d.data.get("secret_access_key") is not None
+    has_file = d.data.get("secret_access_key_file") is not None
+    secret, secret_file = "", None
+    if has_secret == has_file:
+        d.problem(d.key("secret_access_key"), _MISSING,
+                  "set exactly one of secret_access_key and secret_access_key_file")
+        d.raw("secret_access_key")
+        d.raw("secret_access_key_file")
+    elif has_secret:
+        secret = d.get("secret_access_key", _text, "", "the secret access key as a string",
+                       check=lambda v: bool(v.strip()))
+        d.raw("secret_access_key_file")
+    else:
+        d.raw("secret_access_key")
+        secret_file = d.path_value("secret_access_key_file", None, "a path to a file holding the secret access key")
+    style = d.get("addressing_style", _choice("auto", "path", "virtual"), "auto", "one of auto, path, virtual")
+    tls = d.section("tls")
+    verify = tls.get("verify", _bool, True, "true or false")
+    ca_file = tls.path_value("ca_file", None, "a path to a PEM bundle that signs the endpoint's certificate")
+    tls.finish()
+    if ca_file is not None and not ca_file.is_file():
+        problems.append(f"archive.s3.tls.ca_file: no such file ({str(ca_file)!r})")
+    if not verify:
+        warnings.append("archive.s3.tls.verify is false: the S3 endpoint's certificate is NOT checked")
+    part = d.get("part_size_bytes", _int, 16 * 1024 * 1024, "bytes from 5 MiB to 5 GiB",
+                 check=lambda v: 5 * 1024 * 1024 <= v <= 5 * 1024**3)
+    workers = d.get("workers", _int, 4, "an integer from 1 to 32", check=lambda v: 1 <= v <= 32)
+    timeout = d.get("timeout_s", _number, 60.0, "seconds > 0", check=positive)
+    d.finish()
+    if secret_file is not None:
+        secret = read_secret_file(secret_file, "archive.s3.secret_access_key_file", problems, warnings)
+    import importlib.util
+    if importlib.util.find_spec("aiobotocore") is None:
+        problems.append("archive.s3: the S3 client is not installed: pip install 'yeastar-archiver[s3]'")
+    if bucket is _MISSING or key_id is _MISSING:
+        return None
+    return S3Config(bucket=bucket.strip(), access_key_id=key_id.strip(), secret_access_key=Secret(secret.strip()),
+                    endpoint_url=endpoint, region=region.strip(), prefix=prefix, secret_access_key_file=secret_file,
+                    addressing_style=cast(Literal["auto", "path", "virtual"], style),
+                    tls=TlsConfig(verify=verify, ca_file=ca_file), part_size_bytes=part, workers=workers,
+                    timeout_s=timeout)
+
+
+def _endpoint_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _base_url(value)
+
+
 def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[str]) -> str:
     """The secret in ``path``, stripped of surrounding whitespace; problems are appended, not raised."""
     try:
@@ -496,6 +584,12 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
                      "{pbx_sn}")
     sidecar = arc.get("sidecar", _bool, True, "true or false")
     min_free = arc.get("min_free_bytes", _int, 256 * 1024 * 1024, "bytes >= 0", check=non_negative)
+    keep_local = arc.get("keep_local", _bool, True, "true or false")
+    s3 = _s3(arc, problems, warnings) if arc.data.get("s3") is not None else None
+    if arc.data.get("s3") is None:
+        arc.raw("s3")
+    if not keep_local and s3 is None:
+        problems.append("archive.keep_local: false needs archive.s3 (the copy that stays)")
     arc.finish()
 
     st = top.section("state")
@@ -544,6 +638,15 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     )
     nt.finish()
 
+    vf = top.section("verify")
+    verify_cfg = VerifyConfig(
+        interval_s=vf.get("interval_s", _number, 0.0, "seconds >= 60 between background walks, or 0 for none",
+                          check=lambda v: v == 0 or v >= 60),
+        max_bytes_per_second=vf.get("max_bytes_per_second", _int, 20 * 1024 * 1024,
+                                    "bytes per second > 0 (the background walk's read rate)", check=positive),
+    )
+    vf.finish()
+
     lg = top.section("logging")
     logging_cfg = LoggingConfig(
         format=cast(LogFormat, lg.get("format", _choice("auto", "json", "console"), "auto",
@@ -573,12 +676,14 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         ),
         sources=SourcesConfig(ids=ids, queue_file=queue_file, queue_poll_interval_s=queue_poll, discover=discover,
                               missing_grace_s=missing_grace),
-        archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free),
+        archive=ArchiveConfig(dir=archive_dir, layout=layout, sidecar=sidecar, min_free_bytes=min_free,
+                              keep_local=keep_local, s3=s3),
         state=StateConfig(path=state_path),
         downloads=downloads,
         service=service,
         logging=logging_cfg,
         notify=notify,
+        verify=verify_cfg,
         source_path=source_path,
         warnings=tuple(warnings),
     )

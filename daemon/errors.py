@@ -9,8 +9,12 @@
     │   ├── PbxUnavailableError  cannot reach the PBX (refused, DNS, timeout); exit 4 for ``check``
     │   │   └── TlsError         certificate rejected: never a fallback, never a retry loop in ``once``; exit 4
     │   ├── TokenLimitError      errcode 60002, the 8-token limit: back off minutes
+    │   ├── DestinationUnavailableError  the S3 endpoint is down, busy (SlowDown, 5xx) or untrusted; exit 4
+    │   ├── DestinationFullError the bucket's quota is reached
     │   └── StorageError         disk full, read-only archive, fsync failure
     │       └── LedgerError      SQLite failed (disk full, "database is locked"): the loop backs off and retries
+    ├── DestinationConfigError   the off-box copy's bucket or endpoint does not exist as configured; exit 2
+    ├── DestinationRefusedError  the off-box copy's endpoint refuses the credentials; exit 3
     ├── DeferredError            the same recording is being transferred under another name: later, burn nothing
     ├── RetryableError           this request failed; try the item again after a back-off
     │   ├── PbxBusyError         HTTP 5xx / 429, errcode -2, 2, 70082 and unknown errcodes
@@ -122,6 +126,27 @@ class StorageError(PauseError):
     """The archive cannot be written (disk full, read-only, fsync failed)."""
 
     exit_code = EXIT_FAILED_ITEMS
+
+
+class DestinationUnavailableError(PauseError):
+    """The off-box copy's endpoint cannot be reached, is busy, or its certificate is not trusted:
+    copies wait (no recording is marked failed for it)."""
+
+
+class DestinationFullError(PauseError):
+    """The bucket's quota is reached: copies wait until there is room."""
+
+
+class DestinationConfigError(ArchiverError):
+    """The bucket (or its region, or the endpoint) is not what the configuration says."""
+
+    exit_code = EXIT_CONFIG
+
+
+class DestinationRefusedError(ArchiverError):
+    """The S3 endpoint refuses the credentials or the bucket policy forbids us."""
+
+    exit_code = EXIT_AUTH
 
 
 class LedgerError(StorageError):

@@ -20,7 +20,9 @@ from typing import Any, Generic, TypeVar
 
 from daemon.errors import LedgerError, StorageError
 
-STATES = ("pending", "in_progress", "done", "failed", "missing")
+STATES = ("pending", "in_progress", "done", "failed", "missing", "copying")
+# Archived on the local disk: "copying" waits for its off-box copies (archive.s3) before it is "done".
+ARCHIVED = ("done", "copying")
 FILE_MODE = 0o600          # the ledger holds callers' names and numbers
 DIR_MODE = 0o700
 KV_ARCHIVE_ID = "archive.id"
@@ -48,9 +50,20 @@ CREATE TABLE IF NOT EXISTS recordings (
 CREATE INDEX IF NOT EXISTS recordings_due ON recordings(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS recordings_file ON recordings(file);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS copies (
+    key TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    object_key TEXT, size INTEGER, etag TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT, updated_at REAL, verified_at REAL,
+    PRIMARY KEY (key, dest)
+);
+CREATE INDEX IF NOT EXISTS copies_due ON copies(state, next_attempt_at);
 """
 
-MIGRATIONS = (("part_sha256", "TEXT"),)
+MIGRATIONS = (("part_sha256", "TEXT"), ("local_kept", "INTEGER NOT NULL DEFAULT 1"))
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -96,6 +109,17 @@ class Ref:
 
 
 @dataclass(frozen=True)
+class DueCopy:
+    """A copy to make: the recording's row, the object key chosen earlier (if any), the copy's state
+    (``pending``, or ``repair``: over an object of ours that ``verify`` kept aside) and its attempts."""
+
+    row: Row
+    object_key: str | None
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True)
 class Row:
     key: str
     rec_id: int | None
@@ -114,6 +138,7 @@ class Row:
     created_at: float | None = None
     source: str | None = None
     part_sha256: str | None = None    # the sha256 of the checkpointed prefix: a resume checks it
+    local_kept: int = 1               # 0 once the local copy was removed (archive.keep_local: false)
 
     @property
     def ref(self) -> str:
@@ -122,7 +147,7 @@ class Row:
 
 _ROW_COLUMNS = ("key, rec_id, file, state, attempts, next_attempt_at, last_error, "
                 + ", ".join(META_FIELDS) + ", final_path, bytes, sha256, part_path, part_synced, done_at, "
-                "created_at, source, part_sha256")
+                "created_at, source, part_sha256, local_kept")
 
 
 def _row(r: sqlite3.Row) -> Row:
@@ -130,7 +155,8 @@ def _row(r: sqlite3.Row) -> Row:
                next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
                meta={f: r[f] for f in META_FIELDS if r[f] is not None}, final_path=r["final_path"],
                bytes=r["bytes"], sha256=r["sha256"], part_path=r["part_path"], part_synced=r["part_synced"],
-               done_at=r["done_at"], created_at=r["created_at"], source=r["source"], part_sha256=r["part_sha256"])
+               done_at=r["done_at"], created_at=r["created_at"], source=r["source"], part_sha256=r["part_sha256"],
+               local_kept=r["local_kept"])
 
 
 def ledger_error(exc: BaseException, path: Path) -> LedgerError:
@@ -153,6 +179,9 @@ def _private_files(path: Path) -> None:
 class LedgerDb:
     """Blocking access to the ledger. Use it from one thread only (``Ledger`` arranges that).
 
+    ``destinations``: the off-box copies every archived recording must have before it is done (the
+    runner sets it; other processes — status, enqueue — need not).
+
     Creates the ledger's own folder (0700) when missing, never its parents: a ledger inside an
     unmounted ``archive.dir`` must not create that folder."""
 
@@ -160,6 +189,7 @@ class LedgerDb:
         with contextlib.suppress(FileExistsError):
             path.parent.mkdir(mode=DIR_MODE)
         self.path = path
+        self.destinations: tuple[str, ...] = ()
         _private_files(path)
         self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         self.conn.row_factory = sqlite3.Row
@@ -211,25 +241,23 @@ class LedgerDb:
                 elif ref.file is not None:
                     by_name = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE rec_id IS NULL AND "
                                         "file IN (?, ?, ?) ORDER BY rowid LIMIT 1", name_variants(ref.file)).fetchone()
-                    if by_name is not None and by_name["state"] == "done":
+                    if by_name is not None and by_name["state"] in ARCHIVED:
                         mine = c.execute("SELECT state, final_path FROM recordings WHERE key = ?",
                                          (ref.key,)).fetchone()
                         if mine is None:
                             self._insert_done_copy(c, ref, by_name, source=source, now=now)
+                            self._take_over(c, by_name, ref.key, now)
                             added += 1
                         elif mine["state"] == "in_progress" or (
-                                mine["state"] == "done" and mine["final_path"] != by_name["final_path"]):
-                            # In progress: its worker binds the name and takes this result. Both done
+                                mine["state"] in ARCHIVED and mine["final_path"] != by_name["final_path"]):
+                            # In progress: its worker binds the name and takes this result. Both archived
                             # at different paths: two files exist; neither row's evidence is dropped.
                             continue
-                        elif mine["state"] != "done":
+                        elif mine["state"] not in ARCHIVED:
                             # The id row (waiting, failed, missing) takes what its name row archived.
-                            c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
-                                      "file = COALESCE(file, ?), done_at = ?, last_error = NULL, attempts = 0, "
-                                      "lease_until = NULL, part_path = NULL, part_synced = 0, updated_at = ? "
-                                      "WHERE key = ?", (by_name["final_path"], by_name["bytes"], by_name["sha256"],
-                                                        by_name["file"], by_name["done_at"], now, ref.key))
-                        c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
+                            self._take_over(c, by_name, ref.key, now)
+                        else:
+                            c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
                         continue
                     if by_name is not None and by_name["state"] != "in_progress":
                         c.execute("DELETE FROM recordings WHERE key = ?", (by_name["key"],))
@@ -245,7 +273,7 @@ class LedgerDb:
                     c.execute(
                         "UPDATE recordings SET file = COALESCE(file, ?), "
                         + ", ".join(f"{f} = COALESCE({f}, ?)" for f in META_FIELDS)
-                        + " WHERE key = ? AND state != 'done'",
+                        + " WHERE key = ? AND state NOT IN ('done', 'copying')",
                         (ref.file, *(meta.get(f) for f in META_FIELDS), ref.key),
                     )
         return added
@@ -260,6 +288,19 @@ class LedgerDb:
             + ", ".join("?" * len(META_FIELDS)) + ")",
             (ref.key, ref.rec_id, done["file"], done["final_path"], done["bytes"], done["sha256"], source, now, now,
              done["done_at"], *(meta.get(f, done[f]) for f in META_FIELDS)))
+
+    @staticmethod
+    def _take_over(c: sqlite3.Connection, src: sqlite3.Row, dst_key: str, now: float) -> None:
+        """``dst_key``'s row takes what ``src`` archived (its state, path, size, sha256 and off-box
+        copies), and ``src`` goes: one recording, one row."""
+        c.execute("UPDATE recordings SET state = ?, final_path = ?, bytes = ?, sha256 = ?, done_at = ?, "
+                  "local_kept = ?, file = COALESCE(file, ?), last_error = NULL, attempts = 0, lease_until = NULL, "
+                  "part_path = NULL, part_synced = 0, updated_at = ? WHERE key = ?",
+                  (src["state"], src["final_path"], src["bytes"], src["sha256"], src["done_at"], src["local_kept"],
+                   src["file"], now, dst_key))
+        c.execute("DELETE FROM copies WHERE key = ?", (dst_key,))
+        c.execute("UPDATE copies SET key = ? WHERE key = ?", (dst_key, src["key"]))
+        c.execute("DELETE FROM recordings WHERE key = ?", (src["key"],))
 
     def enqueue_many(self, refs: list[Ref], *, source: str, now: float) -> int:
         """Fast path for big batches of bare ids/names (the queue file): one statement, no metadata."""
@@ -314,7 +355,7 @@ class LedgerDb:
         """
         # The common case (a known name, no twin) is answered by a read: no transaction, no fsync.
         me = self.conn.execute("SELECT state, file FROM recordings WHERE key = ?", (key,)).fetchone()
-        if me is not None and me["state"] != "done" and me["file"] is not None and self.conn.execute(
+        if me is not None and me["state"] not in ARCHIVED and me["file"] is not None and self.conn.execute(
                 "SELECT 1 FROM recordings WHERE file IN (?, ?, ?) AND key != ? LIMIT 1",
                 (*name_variants(served), key)).fetchone() is None:
             return "proceed", None
@@ -322,7 +363,7 @@ class LedgerDb:
             me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
             if me is None:
                 return "gone", None
-            if me["state"] == "done":
+            if me["state"] in ARCHIVED:
                 return "done", _row(me)
             if me["file"] is None:
                 c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
@@ -333,13 +374,9 @@ class LedgerDb:
                     continue  # two ids: two recordings that happen to share a name (alternate names)
                 if twin["state"] == "in_progress":
                     return "wait", _row(twin)
-                if twin["state"] == "done":
+                if twin["state"] in ARCHIVED:
                     if me["rec_id"] is not None:  # the id row takes over its name row's result
-                        c.execute("UPDATE recordings SET state = 'done', final_path = ?, bytes = ?, sha256 = ?, "
-                                  "done_at = ?, last_error = NULL, lease_until = NULL, part_path = NULL, "
-                                  "part_synced = 0, updated_at = done_at WHERE key = ?",
-                                  (twin["final_path"], twin["bytes"], twin["sha256"], twin["done_at"], key))
-                        c.execute("DELETE FROM recordings WHERE key = ?", (twin["key"],))
+                        self._take_over(c, twin, key, twin["done_at"] or 0.0)
                         merged = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
                         return "done", _row(merged)
                     c.execute("DELETE FROM recordings WHERE key = ?", (key,))
@@ -357,16 +394,20 @@ class LedgerDb:
     def complete_many(self, items: list[dict[str, Any]]) -> list[int | None]:
         """Several ``complete`` calls in one transaction (group commit: one fsync for all of them).
 
-        A name row's result goes to the id row waiting for the same recording, and the name row goes:
-        one recording, one row. Returns, per item, the id of the recording (None when unknown)."""
+        With off-box destinations (``destinations``) a recording archived locally is ``copying``, each
+        destination's copy pending, until every one holds a verified copy (``copy_done``). A name row's
+        result goes to the id row waiting for the same recording, and the name row goes: one recording,
+        one row. Returns, per item, the id of the recording (None when unknown)."""
         out: list[int | None] = []
+        state = "copying" if self.destinations else "done"
         with self.write() as c:
-            c.executemany("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
+            c.executemany(f"UPDATE recordings SET state = '{state}', final_path = :final_path, bytes = :size, "
                           "sha256 = :sha256, file = COALESCE(:file, file), last_error = NULL, lease_until = NULL, "
-                          "part_path = NULL, part_synced = 0, done_at = :now, updated_at = :now WHERE key = :key",
-                          items)
+                          "part_path = NULL, part_synced = 0, local_kept = 1, done_at = :now, updated_at = :now "
+                          "WHERE key = :key", items)
             for item in items:
-                row = c.execute("SELECT rec_id, file FROM recordings WHERE key = ?", (item["key"],)).fetchone()
+                self._copies_pending(c, item["key"], item["now"])
+                row = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (item["key"],)).fetchone()
                 if row is None or row["file"] is None:
                     out.append(None if row is None else row["rec_id"])
                     continue
@@ -374,20 +415,91 @@ class LedgerDb:
                     # Only a waiting row: one in progress belongs to its worker, which will find this
                     # result when it binds the name (``bind_name``).
                     waiting = c.execute("SELECT key, rec_id FROM recordings WHERE file IN (?, ?, ?) AND rec_id IS "
-                                        "NOT NULL AND state NOT IN ('done', 'in_progress') ORDER BY rowid LIMIT 1",
-                                        name_variants(row["file"])).fetchone()
+                                        "NOT NULL AND state NOT IN ('done', 'copying', 'in_progress') ORDER BY rowid "
+                                        "LIMIT 1", name_variants(row["file"])).fetchone()
                     if waiting is not None:
-                        c.execute("UPDATE recordings SET state = 'done', final_path = :final_path, bytes = :size, "
-                                  "sha256 = :sha256, last_error = NULL, lease_until = NULL, part_path = NULL, "
-                                  "part_synced = 0, done_at = :now, updated_at = :now WHERE key = :twin",
-                                  {**item, "twin": waiting["key"]})
-                        c.execute("DELETE FROM recordings WHERE key = ?", (item["key"],))
+                        self._take_over(c, row, waiting["key"], item["now"])
                         out.append(waiting["rec_id"])
                         continue
                 else:
-                    c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
-                              "state != 'in_progress'", name_variants(row["file"]))
+                    for gone in c.execute("SELECT key FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
+                                          "state != 'in_progress'", name_variants(row["file"])).fetchall():
+                        c.execute("DELETE FROM copies WHERE key = ?", (gone["key"],))
+                        c.execute("DELETE FROM recordings WHERE key = ?", (gone["key"],))
                 out.append(row["rec_id"])
+        return out
+
+    def _copies_pending(self, c: sqlite3.Connection, key: str, now: float) -> None:
+        for dest in self.destinations:
+            c.execute("INSERT INTO copies (key, dest, state, updated_at) VALUES (?, ?, 'pending', ?) "
+                      "ON CONFLICT(key, dest) DO UPDATE SET state = 'pending', attempts = 0, next_attempt_at = 0, "
+                      "last_error = NULL, updated_at = excluded.updated_at", (key, dest, now))
+
+    # ---------------------------------------------------------------- off-box copies
+    def due_copies(self, dest: str, limit: int, *, now: float, exclude: Iterable[str] = ()) -> list[DueCopy]:
+        """Rows archived locally whose copy to ``dest`` is due (to make, or to repair)."""
+        skip = set(exclude)
+        rows = self.conn.execute(
+            f"SELECT {', '.join('r.' + col.strip() for col in _ROW_COLUMNS.split(','))}, c.object_key AS ck, "
+            "c.state AS cs, c.attempts AS ca FROM copies c JOIN recordings r ON r.key = c.key WHERE c.dest = ? AND "
+            "c.state IN ('pending', 'repair') AND c.next_attempt_at <= ? AND r.state IN ('copying', 'done') "
+            "ORDER BY c.next_attempt_at, r.rowid LIMIT ?", (dest, now, limit + len(skip))).fetchall()
+        return [DueCopy(_row(r), r["ck"], r["cs"], r["ca"]) for r in rows if r["key"] not in skip][:limit]
+
+    def next_copy_due(self, dest: str) -> tuple[int, float | None]:
+        """(copies still to make, the earliest next attempt of one)."""
+        n, nxt = self.conn.execute(
+            "SELECT COUNT(*), MIN(c.next_attempt_at) FROM copies c JOIN recordings r ON r.key = c.key "
+            "WHERE c.dest = ? AND c.state IN ('pending', 'repair') AND r.state IN ('copying', 'done')",
+            (dest,)).fetchone()
+        return int(n), nxt
+
+    def copy_done(self, key: str, dest: str, *, object_key: str, size: int, etag: str, now: float,
+                  local_removed: bool = False) -> str:
+        """A verified copy at ``dest``; the recording is ``done`` once all its copies are. Returns its state."""
+        with self.write() as c:
+            c.execute("UPDATE copies SET state = 'done', object_key = ?, size = ?, etag = ?, last_error = NULL, "
+                      "updated_at = ?, verified_at = ? WHERE key = ? AND dest = ?",
+                      (object_key, size, etag, now, now, key, dest))
+            left = c.execute("SELECT COUNT(*) FROM copies WHERE key = ? AND state != 'done'", (key,)).fetchone()[0]
+            if left == 0:
+                c.execute("UPDATE recordings SET state = 'done', updated_at = ? WHERE key = ? AND state = 'copying'",
+                          (now, key))
+            if local_removed:
+                c.execute("UPDATE recordings SET local_kept = 0 WHERE key = ?", (key,))
+            row = c.execute("SELECT state FROM recordings WHERE key = ?", (key,)).fetchone()
+        return str(row["state"]) if row else "gone"
+
+    def copy_chosen(self, key: str, dest: str, object_key: str) -> None:
+        """Remember the object key a copy goes to (an alternate name when the first was taken)."""
+        with self.write() as c:
+            c.execute("UPDATE copies SET object_key = ? WHERE key = ? AND dest = ?", (object_key, key, dest))
+
+    def copy_later(self, key: str, dest: str, *, error: str, next_at: float, now: float, failed: bool = False) -> None:
+        """A copy that did not work this time; ``failed`` for one that never can as asked (an operator's)."""
+        with self.write() as c:
+            c.execute("UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                      "updated_at = ? WHERE key = ? AND dest = ?",
+                      ("failed" if failed else "pending", next_at, error[:1000], now, key, dest))
+
+    def copy_again(self, key: str, dest: str, *, state: str, now: float) -> None:
+        """A verified copy found lost (``pending``) or damaged and kept aside (``repair``: it may be
+        written over): the recording is ``copying`` again until it is mended."""
+        assert state in ("pending", "repair")
+        with self.write() as c:
+            c.execute("UPDATE copies SET state = ?, attempts = 0, next_attempt_at = 0, updated_at = ? "
+                      "WHERE key = ? AND dest = ?", (state, now, key, dest))
+            c.execute("UPDATE recordings SET state = 'copying', updated_at = ? WHERE key = ? AND state = 'done'",
+                      (now, key))
+
+    def copies_of(self, key: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM copies WHERE key = ? ORDER BY dest", (key,))]
+
+    def copy_counts(self) -> dict[str, dict[str, int]]:
+        """dest -> state -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.conn.execute("SELECT dest, state, COUNT(*) AS n FROM copies GROUP BY dest, state"):
+            out.setdefault(r["dest"], {})[r["state"]] = r["n"]
         return out
 
     def reschedule(self, key: str, *, error: str, next_at: float, burn: bool, max_attempts: int, now: float) -> str:
@@ -415,8 +527,16 @@ class LedgerDb:
                       "part_synced = 0, updated_at = ? WHERE key = ?", (state, error[:1000], now, key))
 
     # ---------------------------------------------------------------- operators
+    def keys_for(self, ref: Ref) -> list[str]:
+        """The ledger keys a recording named by an operator goes by (its id, or its name in any row)."""
+        if ref.rec_id is not None:
+            return [r["key"] for r in self.conn.execute("SELECT key FROM recordings WHERE rec_id = ?", (ref.rec_id,))]
+        return [r["key"] for r in self.conn.execute("SELECT key FROM recordings WHERE file IN (?, ?, ?)",
+                                                    name_variants(str(ref.file)))]
+
     def has_done(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM recordings WHERE state = 'done' LIMIT 1").fetchone() is not None
+        return self.conn.execute("SELECT 1 FROM recordings WHERE state IN ('done', 'copying') LIMIT 1"
+                                 ).fetchone() is not None
 
     def retry(self, keys: list[str] | None, *, now: float) -> int:
         """Failed rows (all, or those keyed) back to pending with a fresh attempt budget."""

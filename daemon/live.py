@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from daemon.copier import Copier
     from daemon.downloader import Downloader
     from daemon.ledger import Ledger
     from daemon.scheduler import Scheduler
@@ -22,3 +23,4 @@ class Pipeline:
     ledger: Ledger
     scheduler: Scheduler
     downloader: Downloader
+    copier: Copier | None = None

@@ -212,7 +212,18 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         root.removeHandler(_handler)
     root.addHandler(handler)
     root.setLevel(numeric)
+    _quiet_libraries()
     _handler = handler
+
+
+# Libraries whose debug output is wire-level (botocore logs request headers, signatures and bodies):
+# never below warning, whatever logging.level says. Our own debug events say what matters, redacted.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "urllib3", "s3transfer", "asyncio")
+
+
+def _quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def reset_logging() -> None:
@@ -229,3 +240,4 @@ def set_level(level: str) -> None:
     numeric = logging.getLevelName(level.upper())
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
     logging.getLogger().setLevel(numeric)
+    _quiet_libraries()

@@ -45,6 +45,17 @@ def pause_kind(reason: str | None) -> str | None:
     return "pbx"
 
 
+def copy_pause_kind(reason: str | None) -> str | None:
+    """What stops the off-box copies: the destination unreachable (``unreachable``: it may come back on its
+    own), or what needs a person now: refused credentials, a missing bucket, a full one, the local disk or
+    ledger, an unforeseen error. Pure."""
+    if reason is None:
+        return None
+    return {"DestinationUnavailableError": "unreachable", "DestinationFullError": "full",
+            "DestinationConfigError": "config", "DestinationRefusedError": "refused",
+            "StorageError": "disk", "LedgerError": "disk"}.get(reason, "error")
+
+
 def should_announce_pause(kind: str, paused_for_s: float, pbx_down_after_s: float) -> bool:
     """Auth, certificate and disk trouble need a person at once; a PBX outage only once it has lasted. Pure."""
     return kind != "pbx" or paused_for_s >= pbx_down_after_s
@@ -56,6 +67,9 @@ def message(event: str, now_wall: float, **fields: Any) -> dict[str, Any]:
         "recording.failed": "recording {recording} failed: {reason}",
         "pipeline.paused": "archiving paused ({kind}): {reason}",
         "pipeline.recovered": "archiving resumed after {down_for_s:.0f} s ({kind})",
+        "copy.paused": "off-box copies to {destination} paused ({kind}): {reason}",
+        "copy.recovered": "off-box copies to {destination} resumed after {down_for_s:.0f} s ({kind})",
+        "verify.problems": "verify found {problems} damaged or vanished copies of {checked} recordings",
         "summary": "{archived} archived, {failed} failed, {missing} missing; {pending} pending",
     }
     clean = {k: redact_text(v) if isinstance(v, str) else v for k, v in fields.items()}
@@ -83,6 +97,8 @@ class Notifier:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.sent = 0
         self._pause: _PauseState | None = None
+        self._copy_pause: _PauseState | None = None
+        self._verify_seen: float | None = health.verify_last_run_at   # walks before this process: told already
         self._failure_seq = 0
         self._since_summary = (0, 0, 0)
 
@@ -136,6 +152,38 @@ class Notifier:
             if self._pause.announced:
                 self.emit("pipeline.recovered", kind=self._pause.kind, down_for_s=now - self._pause.since)
             self._pause = None
+
+        self._watch_copies(p, now)
+        self._watch_verify()
+
+    def _watch_copies(self, p: Pipeline, now: float) -> None:
+        copier = p.copier
+        if copier is None:
+            return
+        kind = copy_pause_kind(copier.pause_reason)
+        if kind is not None:
+            if self._copy_pause is None or self._copy_pause.kind != kind:
+                self._copy_pause = _PauseState(kind=kind, since=now)
+            # An unreachable bucket is waited out like a PBX outage; anything else needs a person now.
+            if not self._copy_pause.announced and should_announce_pause(
+                    "pbx" if kind == "unreachable" else kind, now - self._copy_pause.since, self.cfg.pbx_down_after_s):
+                self._copy_pause.announced = True
+                self.emit("copy.paused", destination=copier.dest.name, kind=kind,
+                          reason=copier.last_error or copier.pause_reason or kind,
+                          paused_for_s=round(now - self._copy_pause.since))
+        elif self._copy_pause is not None:
+            if self._copy_pause.announced:
+                self.emit("copy.recovered", destination=copier.dest.name, kind=self._copy_pause.kind,
+                          down_for_s=now - self._copy_pause.since)
+            self._copy_pause = None
+
+    def _watch_verify(self) -> None:
+        at, problems = self.health.verify_last_run_at, self.health.verify_problems
+        if at is None or at == self._verify_seen:
+            return
+        self._verify_seen = at
+        if problems:
+            self.emit("verify.problems", problems=problems, checked=self.health.verify_checked or 0)
 
     def summary(self) -> None:
         p = self.health.pipeline

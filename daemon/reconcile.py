@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -13,7 +14,7 @@ import structlog
 
 from daemon.archive import ArchiveDir, is_part_name, looks_like_audio, sidecar_data
 from daemon.errors import WrongArchiveError
-from daemon.ledger import KV_ARCHIVE_ID, KV_PBX_SN, KV_REBUILT, META_FIELDS, LedgerDb, Ref
+from daemon.ledger import ARCHIVED, KV_ARCHIVE_ID, KV_PBX_SN, KV_REBUILT, META_FIELDS, LedgerDb, Ref
 
 log = structlog.get_logger("daemon.reconcile")
 
@@ -70,11 +71,15 @@ def check_identity(db: LedgerDb, archive: ArchiveDir) -> str:
     """Apply ``identity_decision``; returns the archive id. Raises WrongArchiveError (exit 6)."""
     recorded = db.kv_get(KV_ARCHIVE_ID)
     on_disk = archive.read_marker()
-    has_done = db.has_done()
+    # Only recordings kept on the local disk are evidence (with archive.keep_local: false the bucket is
+    # the archive, and the local folder a staging area).
+    has_done = db.conn.execute("SELECT 1 FROM recordings WHERE state IN ('done', 'copying') AND local_kept = 1 "
+                               "LIMIT 1").fetchone() is not None
     present = 0
     if recorded is None and has_done:
-        sample = db.conn.execute("SELECT final_path FROM recordings WHERE state = 'done' AND final_path IS NOT "
-                                 "NULL ORDER BY done_at DESC LIMIT ?", (IDENTITY_SAMPLE,)).fetchall()
+        sample = db.conn.execute("SELECT final_path FROM recordings WHERE state IN ('done', 'copying') AND "
+                                 "local_kept = 1 AND final_path IS NOT NULL ORDER BY done_at DESC LIMIT ?",
+                                 (IDENTITY_SAMPLE,)).fetchall()
         present = sum(1 for r in sample if archive.exists(PurePosixPath(r[0])))
     action, why = identity_decision(recorded, on_disk, has_done=has_done, done_present=present)
     if action == "refuse":
@@ -111,7 +116,8 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
     """
     report = ReconcileReport(leases_reset=db.reset_in_progress(now=now))
     keep_parts = {r.part_path for r in db.rows("pending") if r.part_path and r.part_synced > 0}
-    known_paths = {r.final_path for r in db.rows("done") if r.final_path}
+    archived = [r for state in ARCHIVED for r in db.rows(state)]
+    known_paths = {r.final_path for r in archived if r.final_path}
     rebuild = db.kv_get(KV_REBUILT) != "1"
     pbx_sn = db.kv_get(KV_PBX_SN)
     rebuild_errors = 0
@@ -165,10 +171,19 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
         if report.rebuild_complete:
             db.kv_set(KV_REBUILT, "1")
 
-    for row in db.rows("done"):
+    for row in archived:
         if not row.final_path:
             continue
         rel = PurePosixPath(row.final_path)
+        if not row.local_kept:
+            # archive.keep_local: false — the verified off-box copy is the archive; finish a removal a
+            # crash cut short.
+            with contextlib.suppress(OSError):
+                if archive.exists(rel):
+                    os.unlink(archive.root / rel)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(archive.root / f"{rel}.json")
+            continue
         try:
             present = archive.exists(rel)
         except OSError as exc:

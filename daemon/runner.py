@@ -15,6 +15,7 @@ from daemon.archive import ArchiveDir, storage_error
 from daemon.client import PbxClient
 from daemon.clock import Clock, SystemClock, sleep_or_stop
 from daemon.config import LIVE_KEYS, MAX_WORKERS, Config, changed_keys, load_config, with_keys
+from daemon.copier import Copier, CopyStats
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
@@ -29,6 +30,7 @@ from daemon.scheduler import RunStats, Scheduler
 from daemon.service import Health, HealthServer, Metrics, SdNotify, feed_watchdog
 from daemon.sources import QueueTail, follow_queue
 from daemon.supervise import Loops, restart_delay, supervise
+from daemon.verify import Verifier, verify_loop
 
 log = structlog.get_logger("daemon.runner")
 
@@ -50,11 +52,14 @@ class RunResult:
     untrusted: TlsError | None = None   # the PBX's certificate was rejected (``once``: exit 4)
     interrupted: bool = False           # stopped by a signal before the queue was drained
     discovery_incomplete: bool = False  # once: discovery could not list everything the PBX holds
+    copy_error: ArchiverError | None = None  # the off-box copy refused (credentials, bucket): exit 3 / 2
+    copy_gave_up: bool = False          # once: the off-box copy's endpoint stayed unreachable (exit 4)
+    copy_stats: CopyStats | None = None
 
     @property
     def left(self) -> int:
-        """Recordings still to do."""
-        return self.counts.get("pending", 0) + self.counts.get("in_progress", 0)
+        """Recordings still to do (archived locally but not copied off-box yet included)."""
+        return self.counts.get("pending", 0) + self.counts.get("in_progress", 0) + self.counts.get("copying", 0)
 
 
 ProgressHook = Callable[[Pipeline, asyncio.Event], Coroutine[Any, Any, None]]
@@ -119,6 +124,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
             # Sized for the most workers a reload may ask for: a pool wait counts against the connect timeout.
             workers=MAX_WORKERS))
+        copier: Copier | None = None
+        if cfg.archive.s3 is not None:
+            from daemon.destinations import S3Destination
+            dest = await stack.enter_async_context(S3Destination(cfg.archive.s3))
+            dests = (dest.name,)
+            # From now on a recording archived locally is "copying" until its off-box copy is verified.
+            await ledger.call(lambda db: setattr(db, "destinations", dests))
+            copier = Copier(cfg, ledger, dest, archive, clock, stop, once=once)
         gate = RequestGate(cfg.pbx.recording_format)
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
@@ -128,7 +141,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                               on_archived=metrics.download_seconds.observe)
         if hurry is not None:
             scheduler.hurry = hurry
-        pipeline = Pipeline(ledger, scheduler, downloader)
+        pipeline = Pipeline(ledger, scheduler, downloader, copier)
         await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline
         # Ready once the local prerequisites hold (config, ledger, archive): never wait for the PBX,
@@ -148,6 +161,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         else:
             queue.follow(cfg)
             stack.push_async_callback(queue.close)
+        copying: asyncio.Task[None] | None = None
+        if copier is not None:
+            copying = asyncio.create_task(copier.run(), name="copier")
+        if cfg.verify.interval_s > 0 and not once:
+            verifier = Verifier(ledger, archive, clock, dest=copier.dest if copier is not None else None)
+            interval, rate = cfg.verify.interval_s, cfg.verify.max_bytes_per_second
+            background.start(supervise("verify", lambda: verify_loop(verifier, interval, rate, clock, stop),
+                                       loops, clock, stop), "verify")
         if reload is not None and not once:
             background.start(supervise("reload", lambda: _reload_on_signal(reload, cfg, scheduler, client, queue),
                                        loops, clock, stop), "reload")
@@ -171,7 +192,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                 stats = scheduler.stats   # the PBX refused us or is untrusted: nothing to try
             else:
                 stats = await scheduler.run()
+            if copier is not None and copying is not None:
+                # once: the copies of what was archived are made before it ends; run: it stops with it.
+                copier.scheduler_done.set()
+                await copying
         finally:
+            if copying is not None and not copying.done():
+                copying.cancel()
+                await asyncio.gather(copying, return_exceptions=True)
             health.stopping = True
             tail_deadline = clock.monotonic() + STOP_TAIL_S
             await background.close()
@@ -184,13 +212,19 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         untrusted = scheduler.untrusted or (discovered.stop if isinstance(discovered.stop, TlsError) else None)
         counts = await ledger.call(lambda db: db.counts())
     elapsed = clock.monotonic() - started
+    if copier is not None:
+        log.info("copy.summary", copied=copier.stats.copied, adopted=copier.stats.adopted, bytes=copier.stats.bytes,
+                 failed=copier.stats.failed, local_removed=copier.stats.local_removed)
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
              merged=stats.merged, failed=stats.failed, missing=stats.missing, retries=stats.retried,
              pauses=stats.pauses, bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2),
              ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
                      gave_up=scheduler.gave_up, untrusted=untrusted, interrupted=stop.is_set(),
-                     discovery_incomplete=discovered.incomplete)
+                     discovery_incomplete=discovered.incomplete,
+                     copy_error=copier.fatal if copier is not None else None,
+                     copy_gave_up=copier.gave_up if copier is not None else False,
+                     copy_stats=copier.stats if copier is not None else None)
 
 
 async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, stop: asyncio.Event,

@@ -108,7 +108,8 @@ def _json_default(value: Any) -> Any:
     return value
 
 
-_EXAMPLE_LINE = re.compile(r"^(?P<indent>\s*)(?:#\s*)?(?P<key>[a-z_]+):(?P<value>[^#]*?)\s*(?:#\s*(?P<text>.*))?$")
+_EXAMPLE_LINE = re.compile(r"^(?P<indent>\s*(?:#\s*)?)(?P<key>[a-z][a-z0-9_]*):(?P<value>[^#]*?)"
+                           r"\s*(?:#\s*(?P<text>.*))?$")
 
 
 def example_descriptions(text: str) -> dict[str, str]:
@@ -119,7 +120,7 @@ def example_descriptions(text: str) -> dict[str, str]:
         m = _EXAMPLE_LINE.match(line)
         if m is None:
             continue
-        indent = len(m["indent"])
+        indent = len(m["indent"])  # where the key starts, so a commented-out block nests like a live one
         while stack and stack[-1][0] >= indent:
             stack.pop()
         key = ".".join([*(k for _, k in stack), m["key"]])

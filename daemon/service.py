@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ from daemon.clock import Clock, sleep_or_stop
 from daemon.discovery import KV_LAST_POLL, KV_LAST_SWEEP
 from daemon.logs import redact_text
 from daemon.supervise import Loops
+from daemon.verify import KV_LAST_REPORT, KV_LAST_RUN
 
 if TYPE_CHECKING:
     from daemon.ledger import Ledger, LedgerDb
@@ -112,6 +114,10 @@ class Health:
     last_poll_at: float | None = None          # discovery, from its checkpoint
     last_sweep_at: float | None = None
     notify_failures: int = 0                   # webhook messages given up on after every try
+    verify_last_run_at: float | None = None    # the last finished verify walk (any process), from the ledger
+    verify_problems: int | None = None         # what that walk found
+    verify_checked: int | None = None          # and how many recordings it checked
+    copy_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # destination -> copy state -> n
     _refreshed: bool = False
 
     async def refresh(self, ledger: Ledger) -> None:
@@ -121,7 +127,9 @@ class Health:
 
         def read(db: LedgerDb) -> dict[str, Any]:
             out: dict[str, Any] = {"counts": db.counts(), "oldest": db.oldest_waiting_since(),
-                                   "poll": db.kv_get(KV_LAST_POLL), "sweep": db.kv_get(KV_LAST_SWEEP)}
+                                   "poll": db.kv_get(KV_LAST_POLL), "sweep": db.kv_get(KV_LAST_SWEEP),
+                                   "verified": db.kv_get(KV_LAST_RUN), "report": db.kv_get(KV_LAST_REPORT),
+                                   "copies": db.copy_counts()}
             if first:  # done rows only grow: one scan at start; the scheduler tracks the rest
                 out["last_done"] = db.last_done_at()
             return out
@@ -130,6 +138,10 @@ class Health:
         self.oldest_waiting_at = facts["oldest"]
         self.last_poll_at = _float_or_none(facts["poll"])
         self.last_sweep_at = _float_or_none(facts["sweep"])
+        self.verify_last_run_at = _float_or_none(facts["verified"])
+        self.verify_problems = _report_figure(facts["report"], "problems")
+        self.verify_checked = _report_figure(facts["report"], "checked")
+        self.copy_counts = facts["copies"]
         if first:
             self.last_done_at = facts["last_done"]
             self._refreshed = True
@@ -180,6 +192,12 @@ class Health:
         elif not pbx_ok:
             pbx["reason"] = redact_text(client.health.error or f"paused: {paused}")
         checks["pbx"] = pbx
+        copier = p.copier
+        if copier is not None:
+            # Until a copy works again (the pause itself is short between two tries).
+            trouble = copier.fatal is not None or copier.pause_reason is not None
+            checks["s3"] = {"ok": not trouble, **({"reason": redact_text(copier.last_error or str(copier.pause_reason))}
+                                                  if trouble else {})}
         failing = self.loops.failing()
         local = self.loops.failing(local_only=True)
         checks["loops"] = {"ok": not local,
@@ -192,6 +210,13 @@ def _float_or_none(value: str | None) -> float | None:
     try:
         return None if value is None else float(value)
     except ValueError:
+        return None
+
+
+def _report_figure(report: str | None, key: str) -> int | None:
+    try:
+        return int(json.loads(report or "")[key])
+    except (ValueError, TypeError, KeyError):
         return None
 
 
@@ -287,8 +312,8 @@ class PipelineCollector(Collector):
         if cfg.notify.url is not None:
             yield CounterMetricFamily("yeastar_archiver_notify_failures",
                                       "Webhook messages given up on after every try", value=self.health.notify_failures)
-        # verify: yeastar_archiver_verify_last_run_timestamp_seconds and yeastar_archiver_verify_problems
-        # belong here once the `verify` command exists (deploy/prometheus/alerts.yml already watches them).
+        yield from self._copies(p)
+        yield from self._verify(cfg.verify.interval_s)
         ready, _ = self.health.readiness()
         yield _gauge("ready", "1 when /readyz says ready", 1 if ready else 0)
         loop_up = GaugeMetricFamily("yeastar_archiver_loop_up", "1 while a long-lived loop's last turn worked",
@@ -300,6 +325,51 @@ class PipelineCollector(Collector):
             loop_failures.add_metric([name], st.failures_total)
         yield loop_up
         yield loop_failures
+
+
+    def _copies(self, p: Pipeline) -> Iterator[Metric]:
+        copier = p.copier
+        if copier is None:
+            return
+        dest = copier.dest.name
+        counts = self.health.copy_counts.get(dest, {})
+        waiting = GaugeMetricFamily("yeastar_archiver_copies_waiting",
+                                    "Off-box copies still to make, by destination and kind (pending: first copy, "
+                                    "repair: verify found the copy damaged or gone)", labels=["destination", "state"])
+        for state in ("pending", "repair"):
+            waiting.add_metric([dest, state], counts.get(state, 0))
+        yield waiting
+        made = GaugeMetricFamily("yeastar_archiver_copies_verified",
+                                 "Off-box copies verified in the destination, all time", labels=["destination"])
+        made.add_metric([dest], counts.get("done", 0))
+        yield made
+        stats = copier.stats
+        results = CounterMetricFamily("yeastar_archiver_copies",
+                                      "Off-box copy attempts in this process, by outcome (adopted: the object "
+                                      "was already there, byte for byte)", labels=["destination", "result"])
+        for result, n in (("copied", stats.copied), ("adopted", stats.adopted), ("failed", stats.failed)):
+            results.add_metric([dest, result], n)
+        yield results
+        sent = CounterMetricFamily("yeastar_archiver_copied_bytes", "Bytes uploaded to the destination by this "
+                                   "process", labels=["destination"])
+        sent.add_metric([dest], stats.bytes)
+        yield sent
+        up = GaugeMetricFamily("yeastar_archiver_destination_up",
+                               "1 while the destination takes copies (0: unreachable, full, refused or "
+                               "misconfigured; see /readyz)", labels=["destination"])
+        up.add_metric([dest], 0 if copier.fatal is not None or copier.pause_reason is not None else 1)
+        yield up
+
+    def _verify(self, interval_s: float) -> Iterator[Metric]:
+        if interval_s > 0:
+            yield _gauge("verify_interval_seconds", "verify.interval_s: the background verify walk's period",
+                         interval_s)
+        if self.health.verify_last_run_at is not None:
+            yield _gauge("verify_last_run_timestamp_seconds", "Unix time the last verify walk finished (any process)",
+                         self.health.verify_last_run_at)
+        if self.health.verify_problems is not None:
+            yield _gauge("verify_problems", "Damaged or vanished copies the last verify walk found (each was kept "
+                         "aside and mended where a good copy existed)", self.health.verify_problems)
 
 
 class Metrics:

@@ -27,7 +27,9 @@ from daemon.notify import Notifier
 from daemon.runner import run_pipeline
 from daemon.service import PAUSE_REASONS, Health, pause_label
 from daemon.simulator import Simulator
+from daemon.verify import Verifier
 from tests.conftest import REPO, SimFactory, serve_on_loopback, write_config
+from tests.s3servers import s3_server
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -297,22 +299,33 @@ async def test_every_dashboard_expression_names_a_series_a_live_run_exports(
     wanted = {name for expr in dashboard_queries(dashboard) for name in series_in(expr)}
     assert len(wanted) > 20
     sim = await start_sim(count=3, size_min=50_000, size_max=50_000)
-    # Every optional part on, so that every series it can export is there: discovery, events, webhook;
-    # and one id the PBX does not have, for an errcode (60001).
-    live = await start_live_run(sim, tmp_path, sources={"discover": {"enabled": True, "events": True},
-                                                        "ids": [1000, 1001, 1002, 424242]},
-                                notify={"url": hook})
-    try:
-        async def complete() -> bool:
-            s = await live.samples()
-            return value(s, "yeastar_archiver_recordings_archived") == 3 and wanted <= names(s)
+    # Every optional part on, so that every series it can export is there: discovery, events, webhook,
+    # the off-box copy and a verify walk; and one id the PBX does not have, for an errcode (60001).
+    with s3_server("rclone", tmp_path / "s3") as server:
+        live = await start_live_run(sim, tmp_path, sources={"discover": {"enabled": True, "events": True},
+                                                            "ids": [1000, 1001, 1002, 424242]},
+                                    notify={"url": hook}, archive={"s3": server.config()},
+                                    verify={"interval_s": 3600})
         try:
-            await _until(complete, 20)
-        except AssertionError:
-            raise AssertionError(f"not exported: {sorted(wanted - names(await live.samples()))}") from None
-        text = await live.scrape()
-    finally:
-        await stop_live_run(live)
+            walked = False
+
+            async def complete() -> bool:
+                nonlocal walked
+                s = await live.samples()
+                p = live.health.pipeline
+                if value(s, "yeastar_archiver_recordings_archived") == 3 and not walked and p is not None:
+                    # The walk the background loop makes every verify.interval_s, made now.
+                    assert p.copier is not None
+                    await Verifier(p.ledger, p.downloader.archive, SystemClock(), dest=p.copier.dest).run()
+                    walked = True
+                return walked and wanted <= names(s)
+            try:
+                await _until(complete, 30)
+            except AssertionError:
+                raise AssertionError(f"not exported: {sorted(wanted - names(await live.samples()))}") from None
+            text = await live.scrape()
+        finally:
+            await stop_live_run(live)
     promtool = shutil.which("promtool")
     if promtool is not None:   # the exposition itself, linted as Prometheus's own tool does
         done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,

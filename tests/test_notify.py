@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon.clock import SystemClock
 from daemon.config import load_config
-from daemon.notify import message, pause_kind, should_announce_pause
+from daemon.notify import copy_pause_kind, message, pause_kind, should_announce_pause
 from daemon.runner import run_pipeline
 from daemon.service import Health
 from tests.conftest import SimFactory, serve_on_loopback, write_config
@@ -120,3 +120,49 @@ async def test_refused_credentials_are_announced_at_once(start_sim: SimFactory, 
     paused = rec.events("pipeline.paused")[0]
     assert paused["kind"] == "auth" and "rejected the client id or secret" in paused["reason"]
     assert "wrong-secret-value" not in json.dumps(rec.bodies)
+
+
+@pytest.mark.parametrize(("reason", "kind"), [
+    (None, None), ("DestinationUnavailableError", "unreachable"), ("DestinationRefusedError", "refused"),
+    ("DestinationConfigError", "config"), ("DestinationFullError", "full"), ("LedgerError", "disk"),
+    ("KeyError", "error"),
+])
+def test_copy_pause_kind(reason: str | None, kind: str | None) -> None:
+    assert copy_pause_kind(reason) == kind
+
+
+async def test_an_s3_outage_and_a_verify_walk_that_finds_damage_reach_the_webhook(
+        start_sim: SimFactory, tmp_path: Path, receiver: tuple[Receiver, str]) -> None:
+    from daemon.ledger import Ref
+    from daemon.verify import Verifier
+    from tests.s3servers import SECRET_KEY, s3_server
+    rec, url = receiver
+    sim = await start_sim(count=3, size_min=40_000, size_max=40_000)
+    with s3_server("rclone", tmp_path / "s3") as server:
+        cfg = write_config(tmp_path, sim.base_url, extra={
+            "sources": {"ids": [1000, 1001]}, "archive": {"s3": server.config(timeout_s=1)},
+            "downloads": {"pause_max_s": 0.3}, "notify": {"url": url, "pbx_down_after_s": 0.5}})
+        health = Health(SystemClock())
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_pipeline(load_config(cfg), stop, once=False, health=health))
+        await _until(lambda: health.counts.get("done", 0) == 2)
+        p = health.pipeline
+        assert p is not None and p.copier is not None
+        server.stop()
+        await p.ledger.call(lambda db: db.enqueue([Ref(rec_id=1002)], source="test", now=0))
+        p.scheduler.notify()
+        await _until(lambda: len(rec.events("copy.paused")) == 1)
+        server.start()
+        await _until(lambda: len(rec.events("copy.recovered")) == 1)
+        await _until(lambda: health.counts.get("done", 0) == 3)
+        damaged = tmp_path / "archive" / str((await p.ledger.call(lambda db: db.rows()))[0].final_path)
+        damaged.write_bytes(b"RIFF")
+        await Verifier(p.ledger, p.downloader.archive, SystemClock(), dest=p.copier.dest).run()
+        await _until(lambda: len(rec.events("verify.problems")) == 1)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    paused = rec.events("copy.paused")[0]
+    assert paused["kind"] == "unreachable" and paused["destination"] == "s3" and "cannot reach" in paused["reason"]
+    found = rec.events("verify.problems")[0]
+    assert found["problems"] == 1 and found["checked"] == 3 and "verify found 1" in found["text"]
+    assert SECRET_KEY not in json.dumps(rec.bodies)

@@ -118,6 +118,8 @@ check "keeps its HEALTHCHECK ($hc)" grep -q '"Test":\["CMD","yeastar-archiver","
 ep=$(podman image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
 check "exec-form entrypoint behind an init ($ep)" test "$ep" = '["dumb-init","--","yeastar-archiver"]'
 check "the archiver answers inside the image" quiet podman run --rm "$IMAGE" --version
+check "the image can make off-box copies (the s3 extra is installed)" quiet podman run --rm \
+  --entrypoint /opt/yeastar-archiver/bin/python "$IMAGE" -c 'import aiobotocore.session, daemon.destinations'
 freeze=$(quiet podman run --rm --entrypoint /opt/yeastar-archiver/bin/pip "$IMAGE" freeze --all)
 check "every package in the image is the one pinned in requirements.lock" "$PY" - "$freeze" <<'PYCHECK'
 import re, sys
