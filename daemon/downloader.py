@@ -64,6 +64,7 @@ log = structlog.get_logger("daemon.downloader")
 CHUNK_BYTES = 256 * 1024
 WRITE_BYTES = 1024 * 1024
 MAX_URL_ROUNDS = 3
+CONFIRM_TRANSFERS = 3   # transfers in a row of a recording whose end nothing vouches for, to see two agree
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,24 @@ def verification_problem(size: int, head: bytes, listing_size: int | None, *, le
         return f"got {size} bytes but the PBX lists {listing_size}"
     if not looks_like_audio(head):
         return "the body is not audio (no RIFF/WAVE, ID3 or MPEG frame header)"
-    declared = wav_declared_size(head)
-    if not length_known and declared is not None and declared > size:
-        return f"the body ended at {size} bytes, but its WAV header says {declared}"
     return None
+
+
+def unproven_end(size: int, head: bytes, listing_size: int | None, *, length_known: bool) -> str | None:
+    """Why nothing vouches that a transfer that passed ``verification_problem`` is whole, or None. Pure.
+
+    With neither a declared length (the PBX closed the connection after the body), nor a listing size
+    for the served format, nor a WAV header that agrees, a cut transfer looks just like a whole one.
+    The caller then fetches it again and commits only when two transfers agree byte for byte (a cut
+    lands anywhere; a wrong but constant header, as some PBXs write, is the PBX's own file)."""
+    if length_known or listing_size is not None:
+        return None
+    declared = wav_declared_size(head)
+    if declared == size:
+        return None
+    if declared is not None:
+        return f"the body ended at {size} bytes with no length declared, and its WAV header says {declared}"
+    return f"the body ended at {size} bytes with no length declared and nothing in it says how long it is"
 
 
 def expected_listing_size(row: Row, served_format: str | None) -> int | None:
@@ -151,6 +166,10 @@ def expected_listing_size(row: Row, served_format: str | None) -> int | None:
     if not isinstance(size, int) or size <= 0 or not row.file or served_format is None:
         return None
     return size if audio_ext(row.file) == served_format else None
+
+
+class _Unconfirmed(Exception):
+    """This transfer may be cut and nothing says so: fetch it again, burn no attempt (yet)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,8 @@ class Downloader:
         self.last_chunk_at = 0.0
         self.identity = identity
         self.pbx_sn: str | None = None   # for the layout's {pbx_sn} and the sidecar, once the PBX told it
+        # key -> (size, sha256) of the last transfer whose end nothing vouched for (see unproven_end).
+        self._unconfirmed: dict[str, tuple[int, str]] = {}
 
     async def archive_row(self, row: Row) -> Archived:
         """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
@@ -188,9 +209,10 @@ class Downloader:
         recording (the caller must burn no attempt for either)."""
         if self.identity is not None:
             self.pbx_sn = await self.identity.ensure()
-        for round_no in range(MAX_URL_ROUNDS):
+        rounds = confirms = 0
+        while rounds < MAX_URL_ROUNDS:
             url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
-            if round_no == 0:
+            if rounds == 0 and confirms == 0:
                 settled = await self._bind(row, url.file or row.file or "")
                 if settled is not None:
                     self.resolver.forget(row.key)
@@ -199,6 +221,15 @@ class Downloader:
                 result = await self._fetch(row, url)
             except UrlExpiredError:
                 self.resolver.forget(row.key)
+                rounds += 1
+                continue
+            except _Unconfirmed as exc:
+                # A fresh URL for the second look: some PBXs' download URLs serve once.
+                self.resolver.forget(row.key)
+                confirms += 1
+                if confirms >= CONFIRM_TRANSFERS:
+                    raise TransferError(f"{exc}; {CONFIRM_TRANSFERS} transfers in a row differed",
+                                        recording=row.ref) from None
                 continue
             self.resolver.forget(row.key)
             return result
@@ -319,11 +350,22 @@ class Downloader:
                     dir_fd = moved_fd = new_fd
                 rel = new_rel
             # A broken transfer keeps a checkpointed temp file: the ledger says how much of it to trust.
-            problem = verification_problem(body.size, body.head, expected_listing_size(row, fmt),
-                                           length_known=body.length_known)
+            listing = expected_listing_size(row, fmt)
+            problem = verification_problem(body.size, body.head, listing, length_known=body.length_known)
             if problem is not None:
                 await self._discard(row, dir_fd, part)
                 raise TransferError(problem, recording=row.ref)
+            unproven = unproven_end(body.size, body.head, listing, length_known=body.length_known)
+            if unproven is not None:
+                if self._unconfirmed.get(row.key) != (body.size, body.sha256):
+                    self._unconfirmed[row.key] = (body.size, body.sha256)
+                    log.info("download.unconfirmed", recording=row.ref, size=body.size, reason=unproven,
+                             action="fetching it again to compare")
+                    await self._discard(row, dir_fd, part)
+                    raise _Unconfirmed(unproven)
+                log.info("download.confirmed", recording=row.ref, size=body.size,
+                         reason="two transfers gave the same bytes")
+            self._unconfirmed.pop(row.key, None)
         except BaseException:
             os.close(fd)
             if moved_fd is not None:

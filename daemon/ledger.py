@@ -270,11 +270,15 @@ class LedgerDb:
                 if cur.rowcount:
                     added += 1
                 elif meta or ref.file:
+                    # A listing's size is the size of the file it names: it is taken only when that is
+                    # the row's file (a row that learnt the served .mp3 name must not get the .wav's size).
                     c.execute(
                         "UPDATE recordings SET file = COALESCE(file, ?), "
-                        + ", ".join(f"{f} = COALESCE({f}, ?)" for f in META_FIELDS)
+                        + ", ".join("size = CASE WHEN COALESCE(file, ?) = ? THEN COALESCE(size, ?) ELSE size END"
+                                    if f == "size" else f"{f} = COALESCE({f}, ?)" for f in META_FIELDS)
                         + " WHERE key = ? AND state NOT IN ('done', 'copying')",
-                        (ref.file, *(meta.get(f) for f in META_FIELDS), ref.key),
+                        (ref.file, *(p for f in META_FIELDS for p in ((ref.file, ref.file, meta.get(f)) if f == "size"
+                                                                     else (meta.get(f),))), ref.key),
                     )
         return added
 

@@ -277,7 +277,8 @@ class Simulator:
         await self.stop()
 
     def content(self, rec: Recording) -> bytes:
-        return recording_bytes(self.opts.seed, self.opts.format, rec)
+        data = recording_bytes(self.opts.seed, self.opts.format, rec)
+        return _riff_size(data, self.opts.wav_riff_size) if self.opts.format == "wav" else data
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain JSON data."""
@@ -636,6 +637,10 @@ class Simulator:
             return recording_bytes(self.opts.seed, "mp3", transcoded(rec))
         return self.content(rec)
 
+    def _block(self, fmt: str, rec: Recording, k: int) -> bytes:
+        block = recording_block(self.opts.seed, fmt, rec, k)
+        return _riff_size(block, self.opts.wav_riff_size) if k == 0 and fmt == "wav" else block
+
     async def _serve_file(self, request: web.Request, rec: Recording) -> web.StreamResponse:
         o = self.opts
         r = self.rng.random()
@@ -669,7 +674,14 @@ class Simulator:
         fmt = "mp3" if self.serves_mp3 else "wav"
         resp = web.StreamResponse(status=status)
         resp.content_type = "audio/mpeg" if fmt == "mp3" else "audio/wav"
-        resp.content_length = end - start
+        if o.body_length == "content-length":
+            resp.content_length = end - start
+        elif o.body_length == "chunked":
+            resp.enable_chunked_encoding()
+        else:
+            # HTTP/1.0 style: no length, no chunks; the body ends when the connection does.
+            resp._length_check = False   # aiohttp has no public switch for it
+            resp.force_close()
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{rec.size}"
         resp.headers["Accept-Ranges"] = "bytes" if o.range_support else "none"
@@ -677,7 +689,9 @@ class Simulator:
         if stall:
             self.counters.faults["stall"] += 1
             await asyncio.sleep(o.stall_s)
-        cut_at = start + (end - start) // 2 if cut else None
+        # A cut lands anywhere when nothing tells the client the length (as a real network's would).
+        cut_at = None if not cut else start + (end - start) // 2 if o.body_length == "content-length" else \
+            start + self.rng.randrange(1, max(2, end - start))
         pos = start
         began = asyncio.get_running_loop().time()
         while pos < end:
@@ -687,7 +701,7 @@ class Simulator:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             k = pos // BLOCK
-            block = recording_block(o.seed, fmt, rec, k)
+            block = self._block(fmt, rec, k)
             piece = block[pos - k * BLOCK: min(end - k * BLOCK, len(block))]
             if cut_at is not None and pos + len(piece) > cut_at:
                 piece = piece[: cut_at - pos]
@@ -738,6 +752,15 @@ class Simulator:
             self.opts = replace(self.opts, **allowed)
         for endpoint, codes in (inject or {}).items():
             self.inject.setdefault(endpoint, []).extend(int(c) for c in codes)
+
+
+def _riff_size(head: bytes, how: str) -> bytes:
+    """The RIFF size field as some PBXs' writers leave it: 0 (not known while recording) or more than
+    the file holds (never updated after the recording was trimmed)."""
+    if how == "right" or head[:4] != b"RIFF":
+        return head
+    size = 0 if how == "zero" else int.from_bytes(head[4:8], "little") + 4096
+    return head[:4] + size.to_bytes(4, "little") + head[8:]
 
 
 def _seconds(value: float) -> float | int:

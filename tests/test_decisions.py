@@ -9,7 +9,7 @@ import pytest
 
 from daemon.archive import Naming, alternate_name, final_relpath, is_safe_name, looks_like_audio
 from daemon.client import DownloadUrl, redirect_refused
-from daemon.downloader import too_slow, verification_problem
+from daemon.downloader import too_slow, unproven_end, verification_problem
 from daemon.ledger import Ref
 from daemon.reconcile import identity_decision
 from daemon.resolver import RequestGate, url_needs_refresh
@@ -244,3 +244,22 @@ def test_parse_lines_skips_comments_and_reports_bad_lines_by_number() -> None:
 
 def test_final_relpath_uses_the_utc_date_when_the_name_has_none() -> None:
     assert final_relpath("{year}/{month}/{day}/{file}", Naming(9, None), NOW) == PurePosixPath("2026/03/04/9.wav")
+
+
+def _riff(declared_total: int) -> bytes:
+    return b"RIFF" + max(0, declared_total - 8).to_bytes(4, "little") + b"WAVEfmt "
+
+
+@pytest.mark.parametrize(("size", "head", "listing", "length_known", "unproven"), [
+    (1000, b"\xff\xfb\x90\x64", None, True, None),            # Content-Length vouches
+    (1000, b"\xff\xfb\x90\x64", 1000, False, None),           # the listing's size vouches (checked before)
+    (1000, _riff(1000), None, False, None),                     # the WAV header agrees
+    (500, _riff(1000), None, False, "WAV header says 1000"),    # cut, or a header never updated: look again
+    (1500, _riff(1000), None, False, "WAV header says 1000"),
+    (1000, b"RIFF\x00\x00\x00\x00WAVEfmt ", None, False, "nothing in it"),   # streaming writer's 0
+    (1000, b"RIFF\xff\xff\xff\xffWAVEfmt ", None, False, "nothing in it"),
+    (1000, b"ID3\x04\x00", None, False, "nothing in it"),      # mp3 carries no length
+])
+def test_unproven_end(size: int, head: bytes, listing: int | None, length_known: bool, unproven: str | None) -> None:
+    result = unproven_end(size, head, listing, length_known=length_known)
+    assert (result is None) if unproven is None else (unproven in (result or ""))

@@ -106,6 +106,60 @@ async def test_the_quirk_matrix(start_sim: SimFactory, tmp_path: Path, quirk: st
         assert all(p.endswith(".mp3") for p in archive_files(load_config(cfg).archive.dir))
 
 
+@pytest.mark.parametrize(("opts", "why"), [
+    ({"format": "mp3", "mp3_transcode": "", "body_length": "close"}, "mp3 says nothing of its length"),
+    ({"mp3_transcode": "mp3-name", "body_length": "close"}, "the listing's size is the wav's"),
+    ({"wav_riff_size": "zero", "body_length": "close"}, "a streaming writer's RIFF size 0"),
+])
+async def test_a_cut_that_looks_like_the_end_is_never_committed(start_sim: SimFactory, tmp_path: Path,
+                                                                opts: dict[str, Any], why: str) -> None:
+    """No Content-Length, the connection closes after the body, and a cut lands anywhere: before, the
+    cut file was committed as done ({why}). Now a transfer nothing vouches for is fetched again and
+    committed only when two agree byte for byte."""
+    sim = await start_sim(count=6, size_min=100_000, size_max=300_000, cut_rate=0.4, seed=7, **opts)
+    cfg = write_config(tmp_path, sim.base_url, extra={
+        "sources": {"ids": [r.id for r in sim.recordings]},     # no listing: no size to compare with
+        "downloads": {"max_attempts": 30, "backoff_base_s": 0.01, "backoff_max_s": 0.05}})
+    result = await _once(cfg)
+    assert sim.counters.faults["cut"] > 0, "the test must cut transfers to prove anything"
+    assert result.counts["done"] == 6 and result.counts["failed"] == 0, result.counts
+    _assert_invariants(sim, cfg, {r.id for r in sim.recordings})
+
+
+async def test_a_wav_header_that_declares_more_than_the_pbx_ever_serves_is_archived_as_served(
+        start_sim: SimFactory, tmp_path: Path) -> None:
+    """Some PBXs' files keep a RIFF size that was never updated: rejected for ever before (failed)."""
+    sim = await start_sim(count=3, wav_riff_size="more", body_length="chunked")
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": [r.id for r in sim.recordings]}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 3 and result.counts["failed"] == 0, result.counts
+    assert sum(sim.counters.transfers_completed.values()) == 6          # each looked at twice
+    _assert_invariants(sim, cfg, {r.id for r in sim.recordings})
+
+
+async def test_a_served_mp3_name_then_a_wav_listing_never_compares_the_mp3_with_the_wav_size(
+        start_sim: SimFactory, tmp_path: Path) -> None:
+    """An id row learns the served .mp3 name first; the listing then brings the .wav's size: that size
+    is the wav's, and must never be held against the mp3 bytes (before: every attempt failed)."""
+    sim = await start_sim(count=4, size_min=50_000, size_max=90_000, mp3_transcode="mp3-name", cut_rate=0.5)
+    ids = [r.id for r in sim.recordings]
+    cfg = write_config(tmp_path, sim.base_url, extra={
+        "sources": {"ids": ids}, "downloads": {"max_attempts": 1}})
+    first = await _once(cfg)                         # cut transfers fail: their rows know the .mp3 name now
+    assert first.counts["failed"] > 0, "the test needs failed rows that learnt the served name"
+    ledger = LedgerDb(load_config(cfg).state.path)
+    try:
+        ledger.enqueue([Ref(rec_id=r.id, file=r.file, meta=(("size", r.size),)) for r in sim.recordings],
+                       source="discover", now=time.time())
+        ledger.retry(None, now=time.time())
+    finally:
+        ledger.close()
+    sim.control(options={"cut_rate": 0.0})
+    second = await _once(cfg)
+    assert second.counts["done"] == 4 and second.counts["failed"] == 0, second.counts
+    _assert_invariants(sim, cfg, set(ids))
+
+
 # ---------------------------------------------------------------- 1. page_size capped
 @pytest.mark.parametrize("offsets", ["capped", "asked"])
 async def test_a_capped_page_size_is_learnt_and_nothing_is_skipped(start_sim: SimFactory, tmp_path: Path,
