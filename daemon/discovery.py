@@ -36,6 +36,7 @@ KV_LAST_POLL = "discover.last_poll_at"
 KV_LAST_EVENT = "discover.last_event_at"
 KV_LAST_SWEEP = "discover.last_sweep_at"
 EVENT_NEW_CDR = 30012
+STALE_PAGES = 3            # pages in a row with nothing new, or past total_number, end a listing
 SEARCH_BATCH = 50          # ids per recording/search call when confirming that recordings are gone
 _NAME_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})\d{6}-")
 _NAME_CALL_TYPE = re.compile(r"-(Inbound|Outbound|Internal)\.(?:wav|mp3)$")
@@ -134,6 +135,7 @@ class Discovery:
         self.page_size = cfg.page_size     # lowered to what the PBX really gives, once seen
         self._poke = asyncio.Event()
         self.polls = 0
+        self.stop: asyncio.Event | None = None   # a listing ends at the page where this is set
 
     # ---------------------------------------------------------------- ledger state
     async def _kv(self, key: str) -> str | None:
@@ -163,7 +165,7 @@ class Discovery:
         log.info("discover.initialised", newest_id=top, recordings=page.total)
 
     # ---------------------------------------------------------------- paging
-    async def _page(self, page_no: int) -> tuple[list[dict[str, Any]], bool]:
+    async def _page(self, page_no: int) -> tuple[list[dict[str, Any]], bool, int]:
         """One page of ``recording/list`` by id, newest first, as (items, capped). ``capped``: the PBX
         gave fewer items than asked while it holds more — it caps page_size (the maximum is not
         documented), and from now on pages are asked for in its size, so that page numbers mean the
@@ -176,15 +178,16 @@ class Discovery:
             self.page_size = len(page.items)
             log.warning("pbx.page_size_capped", asked=size, got=self.page_size,
                         action=f"paging by {self.page_size} from now on")
-        return page.items, capped
+        return page.items, capped, page.total
 
     async def _walk(self, *, first_page: int = 1, floor: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Pages newest first, each id once, down to an empty page (never "fewer than asked": a capped
         PBX gives fewer on every page) or to a page reaching ``floor``."""
         seen_below: int | None = None  # the lowest id seen: anything at or above it came already
         page_no = first_page
-        while True:
-            items, capped = await self._page(page_no)
+        stale = 0                      # pages in a row that brought nothing new
+        while self.stop is None or not self.stop.is_set():
+            items, capped, _total = await self._page(page_no)
             if capped:
                 page_no = 1 if first_page == 1 else max(1, page_no - 1)  # start over in the PBX's size
                 continue
@@ -192,8 +195,17 @@ class Discovery:
                 return
             fresh = [i for i in items if seen_below is None or i["id"] < seen_below]
             if fresh:
+                stale = 0
                 seen_below = min(i["id"] for i in fresh)
                 yield fresh
+            else:
+                # Newer recordings push older ones down a page now and then; page after page of
+                # nothing new is a PBX that ignores ``page`` (it never answers an empty one).
+                stale += 1
+                if stale >= STALE_PAGES:
+                    log.warning("pbx.paging_stuck", page=page_no, action="ending this listing; the next one "
+                                "starts from the newest again")
+                    return
             if floor is not None and any(i["id"] <= floor for i in items):
                 return
             page_no += 1
@@ -228,7 +240,7 @@ class Discovery:
             # Pages were counted in another size (a capped PBX, a changed page_size): start over,
             # by id; what was enqueued already is known to the ledger.
             state.page, state.size = 1, self.page_size
-        items, capped = await self._page(state.page)
+        items, capped, total = await self._page(state.page)
         if capped:
             state.page, state.size = 1, self.page_size
             await self._set(KV_BACKFILL, state.dump())
@@ -238,7 +250,12 @@ class Discovery:
         wanted_items = [item for item in items if item["id"] <= state.top]
         added = await self._enqueue(wanted_items, "backfill")
         below_since = self.cfg.since_id is not None and any(item["id"] < self.cfg.since_id for item in items)
-        state.done = below_since or not items
+        # Pages past the PBX's own count (with room for recordings added meanwhile): a PBX that ignores
+        # ``page`` never answers an empty one, and the back-fill must still end.
+        beyond = total > 0 and (state.page - STALE_PAGES) * state.size >= total
+        if beyond and items:
+            log.warning("pbx.paging_stuck", page=state.page, total=total, action="ending the back-fill")
+        state.done = below_since or not items or beyond
         state.page += 1
         await self._set(KV_BACKFILL, state.dump())
         if state.done:
@@ -338,6 +355,7 @@ class Discovery:
     async def run_once(self, stop: asyncio.Event | None = None) -> bool:
         """``once``: poll and back-fill to the end, so that everything the PBX holds is queued. False
         when ``stop`` came first (the back-fill resumes where it stopped next time)."""
+        self.stop = stop
         await self.start()
         await self.resume_backfill()
         await self.poll_new()
@@ -348,6 +366,7 @@ class Discovery:
 
     async def run(self, stop: asyncio.Event) -> None:
         """``run``: the poll loop, the back-fill, the sweep loop and (if enabled) the event listener."""
+        self.stop = stop
         while not stop.is_set():
             try:
                 await self.start()

@@ -451,6 +451,8 @@ class Simulator:
             return _error(40002)
         if page < 1 or not 1 <= size <= 1000:
             return _error(40002)
+        if self.opts.page_ignored:
+            page = 1
         key = request.query.get("sort_by", "id")
         desc = request.query.get("order_by", "desc") == "desc"
         recs = sorted(recs, key=(lambda r: r.id) if key != "time" else (lambda r: (r.time, r.id)), reverse=desc)

@@ -160,6 +160,19 @@ async def test_a_served_mp3_name_then_a_wav_listing_never_compares_the_mp3_with_
     _assert_invariants(sim, cfg, set(ids))
 
 
+async def test_a_pbx_that_ignores_the_page_number_does_not_hang_once(start_sim: SimFactory, tmp_path: Path) -> None:
+    """recording/list answering page 1 to every page never gives the empty page a listing ends on:
+    before, `once` paged for ever. Now the listing ends after pages with nothing new (and the back-fill
+    past total_number), with what the first page held archived."""
+    sim = await start_sim(count=25, page_ignored=True)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"discover": {"enabled": True, "page_size": 10}}})
+    result = await asyncio.wait_for(_once(cfg), 60)
+    newest = sorted((r.id for r in sim.recordings), reverse=True)[:10]
+    assert result.counts["done"] == 10 and result.counts["failed"] == 0, result.counts
+    _assert_invariants(sim, cfg, set(newest))
+    assert len(sim.list_queries) < 20
+
+
 # ---------------------------------------------------------------- 1. page_size capped
 @pytest.mark.parametrize("offsets", ["capped", "asked"])
 async def test_a_capped_page_size_is_learnt_and_nothing_is_skipped(start_sim: SimFactory, tmp_path: Path,
