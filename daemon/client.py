@@ -75,6 +75,9 @@ _CONFIG_ERRCODES = {
 BLOCK_WAIT_CAP_S = 86400.0
 
 
+BLOCK_LIFT_MARGIN_S = 2.0   # the next login this long after a PBX said its IP block lifts (clocks differ)
+
+
 def block_wait_s(block_expire_time: Any, now_wall: float) -> float | None:
     """Seconds until an IP block lifts, from 70004's ``block_expire_time`` (a Unix time, or seconds
     to go; the guide does not say which): None when absent or unusable, capped at a day. Pure."""

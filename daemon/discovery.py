@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon.client import BLOCK_LIFT_MARGIN_S
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import DiscoverConfig
 from daemon.errors import ArchiverError, FatalAuthError
@@ -374,7 +375,10 @@ class Discovery:
                 break
             except FatalAuthError as exc:
                 self.loops.failed("discover.poll", exc)
-                if await sleep_or_stop(self.clock, self.client.cfg.auth_retry_interval_s, stop):
+                # 70004 with block_expire_time: when the PBX lifts its IP block, not the full interval.
+                wait = self.client.cfg.auth_retry_interval_s if exc.retry_after_s is None else \
+                    exc.retry_after_s + BLOCK_LIFT_MARGIN_S
+                if await sleep_or_stop(self.clock, wait, stop):
                     return
             except ArchiverError as exc:
                 self.loops.failed("discover.poll", exc)

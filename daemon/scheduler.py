@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from daemon.client import PbxClient
+from daemon.client import BLOCK_LIFT_MARGIN_S, PbxClient
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
 from daemon.downloader import CommitNotRecorded, Downloader
@@ -438,9 +438,12 @@ class Scheduler:
             self.pause_reason = "FatalAuthError"
             return
         interval = self.cfg.pbx.auth_retry_interval_s
+        if exc.retry_after_s is not None:
+            # The PBX said when its IP block lifts (70004's block_expire_time): the next login then.
+            interval = exc.retry_after_s + BLOCK_LIFT_MARGIN_S
         self.paused_until = self.clock.monotonic() + interval
         self.pause_reason = "FatalAuthError"
-        log.error("auth.refused", reason=str(exc), retry_in_s=interval)
+        log.error("auth.refused", reason=str(exc), retry_in_s=round(interval, 1))
 
 
 def _reschedule_row(db: LedgerDb, *, key: str, error: str, next_at: float, burn: bool, max_attempts: int,

@@ -374,6 +374,30 @@ def test_an_ip_block_says_when_it_lifts(tmp_path: Path) -> None:
     assert result.returncode == 3 and "lifts the block in" in result.stderr
 
 
+async def test_run_logs_in_again_when_the_pbx_said_its_ip_block_lifts(start_sim: SimFactory, tmp_path: Path) -> None:
+    """Before, `run` waited pbx.auth_retry_interval_s (here an hour) whatever 70004's block_expire_time said."""
+    from daemon.clock import SystemClock
+    from daemon.service import Health
+    sim = await start_sim(count=3, block_expire_s=1)
+    sim.blocked_ips.add("127.0.0.1")
+    sim.block_until = time.time() + 1
+    cfg = load_config(write_config(tmp_path, sim.base_url, extra={
+        "sources": {"ids": [r.id for r in sim.recordings]}, "pbx": {"auth_retry_interval_s": 3600}}))
+    stop = asyncio.Event()
+    health = Health(SystemClock())
+    task = asyncio.create_task(run_pipeline(cfg, stop, once=False, health=health))
+    try:
+        deadline = time.monotonic() + 30
+        while health.counts.get("done", 0) < 3:
+            assert time.monotonic() < deadline, health.counts
+            assert not task.done()
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sim.counters.logins >= 1
+
+
 # ---------------------------------------------------------------- 8. which PBX this is
 @pytest.mark.parametrize(("recorded", "told", "needs", "accept", "problem"), [
     (None, "A", False, False, None),
