@@ -297,9 +297,9 @@ class Scheduler:
         except DeferredError as exc:
             await self._reschedule(row, exc, exc.retry_after_s, burn=False)
         except RecordingMissingError as exc:
-            if self._within_grace(row):
-                # Announced (a 30012 event at call end, a name in the queue) before the PBX can serve
-                # the file: "not found" means "not yet" for a while.
+            if await self._not_yet(row):
+                # Announced (a 30012 event at call end, a name in the queue, a listing written at call
+                # end) before the PBX can serve the file: "not found" means "not yet" for a while.
                 await self._reschedule(row, exc, None, burn=False, grace=True)
             else:
                 await self._finish_permanent(row, exc)
@@ -342,12 +342,22 @@ class Scheduler:
             else:
                 self.stats.adopted += 1
 
-    def _within_grace(self, row: Row) -> bool:
-        """A recording announced by its file name (a 30012 event at call end, the queue) may not be
-        ready yet: for ``sources.missing_grace_s`` after it was first seen, 60001 means "not yet". An id
-        comes from a listing of what the PBX holds (or an operator): 60001 for it means gone."""
+    async def _not_yet(self, row: Row) -> bool:
+        """60001 for a recording first seen less than ``sources.missing_grace_s`` ago may mean "not ready
+        yet": always for one announced by its file name (a 30012 event at call end, the queue); for an
+        id only while ``recording/search?ids=`` still lists it (a PBX may list the CDR before the file
+        is there), else the id is gone. A search that fails decides nothing yet."""
         first_seen = row.created_at if row.created_at is not None else self.clock.wall()
-        return row.rec_id is None and self.clock.wall() - first_seen < self.cfg.sources.missing_grace_s
+        if self.clock.wall() - first_seen >= self.cfg.sources.missing_grace_s:
+            return False
+        if row.rec_id is None:
+            return True
+        try:
+            page = await self.client.search_recordings(page=1, page_size=1, ids=str(row.rec_id))
+        except ArchiverError as exc:
+            log.info("download.missing_unconfirmed", recording=row.ref, reason=str(exc), action="trying later")
+            return True
+        return any(item.get("id") == row.rec_id for item in page.items)
 
     async def _finish_permanent(self, row: Row, exc: PermanentError) -> None:
         now, state, error = self.clock.wall(), exc.state, str(exc)

@@ -46,6 +46,7 @@ class SimOptions:
     cleanup_on_list: int = 0           # Auto Cleanup: delete this many of the oldest after each list answer
     late_count: int = 0                # the newest N recordings are not ready (absent, 60001) ...
     late_s: float = 0.0                # ... for this many seconds after start
+    late_listed: bool = False          # the late ones are listed (the CDR is written at call end), still 60001
     event_early_s: float = 0.0         # a new recording's 30012 event comes this long before its file is ready
     mp3_transcode: str = ""            # "", "wav-name" or "mp3-name": stored as wav, downloaded as mp3 bytes;
                                        # recording/download's "file" is the stored .wav name or the .mp3 name

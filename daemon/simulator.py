@@ -469,6 +469,8 @@ class Simulator:
         return self.ready_at.get(rec.id, 0.0) <= self.clock.monotonic()
 
     def _listed(self) -> list[Recording]:
+        if self.opts.late_listed:
+            return list(self.recordings)
         return [r for r in self.recordings if self._ready(r)]
 
     def delete_recording(self, rec: Recording) -> None:

@@ -208,6 +208,29 @@ async def test_a_name_announced_before_the_pbx_serves_it_is_retried_for_the_grac
     _assert_invariants(sim, cfg, {late.id})
 
 
+async def test_an_id_listed_before_its_file_is_ready_is_retried_not_missing(start_sim: SimFactory,
+                                                                            tmp_path: Path) -> None:
+    """A PBX that lists the CDR at call end, before the file is there: 60001 for a listed id. Before:
+    missing at once, for good. Now: retried while recording/search still lists it, within the grace."""
+    sim = await start_sim(count=4, late_count=1, late_s=2.0, late_listed=True)
+    cfg = write_config(tmp_path, sim.base_url, extra={
+        "sources": {"missing_grace_s": 30, "discover": {"enabled": True}},
+        "downloads": {"backoff_base_s": 0.2, "backoff_max_s": 0.5}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 4 and result.counts["missing"] == 0, result.counts
+    _assert_invariants(sim, cfg, {r.id for r in sim.recordings})
+
+
+async def test_an_id_the_pbx_no_longer_lists_is_missing_at_once(start_sim: SimFactory, tmp_path: Path) -> None:
+    sim = await start_sim(count=2)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": [sim.recordings[0].id, 999_999],
+                                                                  "missing_grace_s": 600}})
+    started = time.monotonic()
+    result = await _once(cfg)
+    assert result.counts["done"] == 1 and result.counts["missing"] == 1, result.counts
+    assert time.monotonic() - started < 30
+
+
 async def test_after_the_grace_period_a_name_the_pbx_never_serves_is_missing(start_sim: SimFactory,
                                                                             tmp_path: Path) -> None:
     sim = await start_sim(count=1)
