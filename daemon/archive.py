@@ -149,6 +149,11 @@ def sidecar_data(*, rec_id: int | None, file: str | None, size: int, sha256: str
     return {k: v for k, v in known.items() if v is not None}
 
 
+def sidecar_bytes(data: dict[str, Any]) -> bytes:
+    """A sidecar as written to disk and to the bucket. Pure."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def part_name(final_name: str, tag: str | None = None) -> str:
     """A hidden temp file beside a final file, unique to one attempt (``tag``: random by default).
 
@@ -351,7 +356,7 @@ class ArchiveDir:
         that a crash lost. Two fsyncs per recording saved."""
         name = f"{final}.json"
         tmp = part_name(name)
-        body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        body = sidecar_bytes(data)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE,
                      dir_fd=dir_fd)
         try:

@@ -472,6 +472,10 @@ def once_exit_code(result: RunResult) -> int:
         print(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
               "locally but not copied: run once again", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if result.copies_failed:
+        print(f"once: {result.copies_failed} off-box cop{'y' if result.copies_failed == 1 else 'ies'} failed "
+              "(see status); fix the cause, then run retry", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
     if result.counts.get("failed", 0):
         if result.left:
             print(f"once: {result.left} recording(s) left pending; run once again to continue", file=sys.stderr)
@@ -592,7 +596,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"last sweep {disc.get('last_sweep_at') or 'never'}")
     for dest, states in sorted((data.get("copies") or {}).items()):
         print(f"copies to {dest}: " + "  ".join(f"{state}: {states.get(state, 0)}"
-                                                 for state in ("pending", "repair", "done")))
+                                                 for state in ("pending", "repair", "failed", "done")))
     last = data.get("verify") or {}
     if last:
         print(f"verify: last walk {last['at']}, {last['checked']} checked, {last['problems']} problem(s)")

@@ -441,6 +441,8 @@ def _s3(arc: _Reader, problems: list[str], warnings: list[str]) -> S3Config | No
     region = d.get("region", _text, "us-east-1", "a region name such as us-east-1", check=lambda v: bool(v.strip()))
     prefix = d.get("prefix", _text, "", "a key prefix such as recordings/ (no leading /)",
                    check=lambda v: not v.startswith("/") and ".." not in v.split("/"))
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"    # a folder, as an operator means it: "pbx1" must not make keys "pbx12022/..."
     key_id = d.get("access_key_id", _text, _MISSING, "the access key id", check=lambda v: bool(v.strip()))
     has_secret = d.data.get("secret_access_key") is not None
     has_file = d.data.get("secret_access_key_file") is not None

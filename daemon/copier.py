@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
-from daemon.archive import ArchiveDir
+from daemon.archive import ArchiveDir, sidecar_bytes, sidecar_data
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
 from daemon.destinations import S3Destination, upload_hashes
@@ -32,7 +32,7 @@ from daemon.errors import (
     PauseError,
     PermanentError,
 )
-from daemon.ledger import DueCopy, Ledger, LedgerDb, Row
+from daemon.ledger import KV_PBX_SN, DueCopy, Ledger, LedgerDb, Row
 from daemon.scheduler import backoff_delay, pause_delay
 
 log = structlog.get_logger("daemon.copier")
@@ -59,6 +59,7 @@ class Copier:
         self.cfg = cfg
         self.ledger = ledger
         self.dest = dest
+        dest.ledger = ledger            # the journal of multipart uploads begun and not ended
         self.archive = archive
         self.clock = clock
         self.stop = stop
@@ -187,11 +188,7 @@ class Copier:
                                            tag=str(row.rec_id) if row.rec_id is not None else sha[:12],
                                            chosen_key=chosen, overwrite_key=chosen if repair else None, hashes=hashes)
         except PermanentError as exc:
-            now, error = self.clock.wall(), str(exc)
-            await self.ledger.call(lambda db: db.copy_later(row.key, dest, error=error, next_at=now, now=now,
-                                                            failed=True))
-            self.stats.failed += 1
-            log.error("copy.failed", recording=row.ref, reason=str(exc))
+            await self._failed(row, exc)
             return
         except (PauseError, DestinationRefusedError, DestinationConfigError):
             raise
@@ -202,9 +199,18 @@ class Copier:
             key = stored.key
             await self.ledger.call(lambda db: db.copy_chosen(row.key, dest, key))
         if self.cfg.archive.sidecar:
-            sidecar = await asyncio.to_thread(ArchiveDir.read_regular, local.with_name(local.name + ".json"))
-            if sidecar is not None:
-                await self.dest.put_small(stored.key + ".json", sidecar, recording=row.ref)
+            try:
+                await self.dest.put_small(stored.key + ".json", await self._sidecar(row, local), recording=row.ref)
+            except PermanentError as exc:
+                # This sidecar cannot be stored (a policy, a name the server refuses): its trouble, not
+                # the other copies'. The copy is not done without it: failed, for an operator.
+                await self._failed(row, exc)
+                return
+            except (PauseError, DestinationRefusedError, DestinationConfigError):
+                raise
+            except ArchiverError as exc:
+                await self._later(row, exc, attempts)
+                return
         remove = not self.cfg.archive.keep_local
         now = self.clock.wall()
         state = await self.ledger.call(lambda db: db.copy_done(
@@ -222,6 +228,17 @@ class Copier:
         log.info("copy.completed", recording=row.ref, dest=dest, key=stored.key, size=size, adopted=stored.adopted,
                  etag=stored.etag, state=state, local_removed=remove)
 
+    async def _sidecar(self, row: Row, local: Path) -> bytes:
+        """The local sidecar, or — when its write failed or has not happened yet — the same one made
+        from the ledger (what reconciliation would write): every object gets its sidecar."""
+        found = await asyncio.to_thread(ArchiveDir.read_regular, local.with_name(local.name + ".json"))
+        if found is not None:
+            return found
+        pbx_sn = await self.ledger.call(lambda db: db.kv_get(KV_PBX_SN))
+        return sidecar_bytes(sidecar_data(rec_id=row.rec_id, file=row.file, size=row.bytes or 0,
+                                          sha256=row.sha256 or "", archived_at=row.done_at or self.clock.wall(),
+                                          meta=row.meta, pbx_sn=pbx_sn))
+
     async def _local_damaged(self, row: Row, rel: PurePosixPath) -> None:
         from daemon.verify import keep_aside_local
         aside = await asyncio.to_thread(keep_aside_local, self.archive, rel, self.clock.wall())
@@ -230,16 +247,31 @@ class Copier:
                                                      now=now))
         log.error("copy.local_damaged", recording=row.ref, path=str(rel), kept_as=aside, action="re-queued")
 
+    async def _failed(self, row: Row, exc: BaseException) -> None:
+        now, error, dest = self.clock.wall(), str(exc), self.dest.name
+        await self.ledger.call(lambda db: db.copy_later(row.key, dest, error=error, next_at=now, now=now,
+                                                        failed=True))
+        self.stats.failed += 1
+        log.error("copy.failed", recording=row.ref, dest=dest, reason=error, action="fix it, then run retry")
+
     async def _later(self, row: Row, exc: BaseException, attempts: int) -> None:
-        """This copy went wrong (one object's trouble, not the destination's): again after a back-off.
-        Copies never burn the recording's attempts: the bytes are safe on the local disk."""
+        """This copy went wrong (one object's trouble, not the destination's): again after a back-off,
+        ``downloads.max_attempts`` times at most, then failed. Copies never burn the recording's
+        attempts: the bytes are safe on the local disk."""
         dest = self.dest.name
         delay = backoff_delay(attempts + 1, self.cfg.downloads.backoff_base_s, self.cfg.downloads.backoff_max_s,
                               self.rand())
         now = self.clock.wall()
         error = f"{type(exc).__name__}: {exc}"
-        await self.ledger.call(lambda db: db.copy_later(row.key, dest, error=error, next_at=now + delay, now=now))
-        log.warning("copy.retry", recording=row.ref, dest=dest, retry_in_s=round(delay, 2), reason=error)
+        most = self.cfg.downloads.max_attempts
+        state = await self.ledger.call(lambda db: db.copy_later(row.key, dest, error=error, next_at=now + delay,
+                                                                now=now, max_attempts=most))
+        if state == "failed":
+            self.stats.failed += 1
+            log.error("copy.failed", recording=row.ref, dest=dest, reason=error, attempts=most,
+                      action="fix it, then run retry")
+        else:
+            log.warning("copy.retry", recording=row.ref, dest=dest, retry_in_s=round(delay, 2), reason=error)
 
     def _pause(self, exc: BaseException) -> None:
         now = self.clock.monotonic()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,11 +37,13 @@ from daemon.errors import (
     PermanentError,
     RetryableError,
 )
+from daemon.ledger import Ledger, LedgerDb
 from daemon.logs import redact_text, remember_secret
 
 log = structlog.get_logger("daemon.destinations")
 
 READ_BYTES = 1024 * 1024
+KV_UPLOAD_PREFIX = "s3.upload:"   # + upload id (or creating:<key>) -> the object key; see the journal
 MAX_ERROR_TEXT = 300
 
 _CONFIG_CODES = frozenset({"NoSuchBucket", "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed",
@@ -181,6 +183,7 @@ def _read_part(path: Path, offset: int, size: int) -> bytes:
 class ObjectInfo:
     size: int
     etag: str
+    checksum_sha256: str | None = None   # base64, where the server stored one (single-part uploads)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class S3Destination:
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._unsure_uploads: set[str] = set()   # keys whose create-multipart-upload answer was lost
+        self.ledger: Ledger | None = None         # the upload journal; set by the copier
         remember_secret(cfg.secret_access_key.reveal())
         remember_secret(cfg.access_key_id)
 
@@ -271,29 +275,52 @@ class S3Destination:
             lock = "off" if "ObjectLockConfigurationNotFound" in str(exc) else None
         return BucketReport(versioning=versioning, object_lock=lock)
 
+    # ------------------------------------------------------------ the upload journal
+    # A multipart upload holds storage until it is completed or aborted. The journal (the ledger's kv
+    # table) names every upload this archiver began and has not ended, and every key whose create is
+    # under way (its answer, the upload's id, may be lost), so that the next start aborts exactly
+    # those: never another writer's upload in a shared bucket, whatever the prefix.
+    async def _journal(self, fn: Callable[[LedgerDb], object]) -> None:
+        if self.ledger is not None:
+            await self.ledger.call(fn)
+
     async def abort_stale_uploads(self) -> int:
-        """Abort the multipart uploads an earlier process left under the prefix (it died mid-upload):
-        they hold storage and will never complete. Only one run drives a ledger, so none is ours.
-        Best effort: a server that cannot list them (one answers NoSuchUpload when there are none)
-        is not an outage."""
+        """Abort the multipart uploads an earlier process of this archiver began and never ended (it
+        died mid-upload). Best effort: what cannot be aborted now stays in the journal for next time."""
+        if self.ledger is None:
+            return 0
+        entries = await self.ledger.call(lambda db: db.kv_items(KV_UPLOAD_PREFIX))
         aborted = 0
-        try:
-            with translate_s3_errors("list multipart uploads"):
-                listed = await self.client.list_multipart_uploads(Bucket=self.cfg.bucket, Prefix=self.cfg.prefix)
-                for upload in listed.get("Uploads") or []:
-                    await self.client.abort_multipart_upload(Bucket=self.cfg.bucket, Key=upload["Key"],
-                                                             UploadId=upload["UploadId"])
-                    aborted += 1
-        except (RetryableError, PermanentError) as exc:
-            log.info("s3.stale_uploads_not_listed", reason=str(exc))
+        for name, key in entries:
+            what = name.removeprefix(KV_UPLOAD_PREFIX)
+            try:
+                if what.startswith("creating:"):
+                    aborted += await self._abort_uploads_of(key)
+                else:
+                    with translate_s3_errors("abort multipart upload"):
+                        try:
+                            await self.client.abort_multipart_upload(Bucket=self.cfg.bucket, Key=key, UploadId=what)
+                            aborted += 1
+                        except Exception as exc:
+                            if _code(exc) != "NoSuchUpload":   # completed or aborted already
+                                raise
+            except (RetryableError, PermanentError) as exc:
+                log.info("s3.stale_upload_not_aborted", key=key, reason=str(exc))
+                continue
+
+            def forget(db: LedgerDb, entry: str = name) -> None:
+                db.kv_delete(entry)
+            await self._journal(forget)
         if aborted:
             log.info("s3.stale_uploads_aborted", count=aborted)
         return aborted
 
-    async def _abort_uploads_of(self, key: str) -> None:
-        """An earlier create for ``key`` lost its answer: the server may hold an upload whose id we never
-        learnt. Abort every upload of exactly that key (only one copy of a recording runs at a time, so
-        none of them is in flight). Best effort, as at start."""
+    async def _abort_uploads_of(self, key: str) -> int:
+        """A create for ``key`` lost its answer (or the process died during it): the server may hold an
+        upload whose id we never learnt. Abort every upload of exactly that key — ours: one copy of a
+        recording runs at a time, so none of them is in flight. A server that cannot list uploads
+        (one answers NoSuchUpload) leaves them to its lifecycle rules."""
+        aborted = 0
         try:
             with translate_s3_errors("list multipart uploads"):
                 listed = await self.client.list_multipart_uploads(Bucket=self.cfg.bucket, Prefix=key)
@@ -301,10 +328,11 @@ class S3Destination:
                     if upload["Key"] == key:
                         await self.client.abort_multipart_upload(Bucket=self.cfg.bucket, Key=key,
                                                                  UploadId=upload["UploadId"])
+                        aborted += 1
                         log.info("s3.lost_upload_aborted", key=key)
         except (RetryableError, PermanentError) as exc:
-            log.info("s3.stale_uploads_not_listed", reason=str(exc))
-        self._unsure_uploads.discard(key)
+            log.info("s3.uploads_not_listed", key=key, reason=str(exc))
+        return aborted
 
     # ------------------------------------------------------------ objects
     async def head(self, key: str) -> ObjectInfo | None:
@@ -312,13 +340,15 @@ class S3Destination:
         import botocore.exceptions as bce
         with translate_s3_errors("head object"):
             try:
-                answer = await self.client.head_object(Bucket=self.cfg.bucket, Key=key)
+                answer = await self.client.head_object(Bucket=self.cfg.bucket, Key=key, ChecksumMode="ENABLED")
             except bce.ClientError as exc:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404 or exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-        return ObjectInfo(size=int(answer.get("ContentLength", -1)), etag=str(answer.get("ETag", "")).strip('"'))
+        checksum = answer.get("ChecksumSHA256")
+        return ObjectInfo(size=int(answer.get("ContentLength", -1)), etag=str(answer.get("ETag", "")).strip('"'),
+                          checksum_sha256=str(checksum) if checksum else None)
 
     async def store(self, local: Path, rel: PurePosixPath, *, size: int, recording: str, tag: str,
                     chosen_key: str | None = None, overwrite_key: str | None = None,
@@ -338,16 +368,16 @@ class S3Destination:
         for key in dict.fromkeys((first, second)):
             found = await self.head(key)
             if found is not None and key != overwrite_key:
-                if found.size == size and found.etag in proofs:
+                if found.size == size and await self._holds(key, found, proofs, hashes.sha256):
                     log.info("s3.identical_exists", recording=recording, key=key)
                     return StoredCopy(key=key, etag=found.etag, adopted=True)
                 log.warning("s3.name_conflict", recording=recording, key=key,
                             action="kept the existing object; trying another name")
                 continue
-            await self._put(local, key, size=size, md5s=md5s, recording=recording,
+            await self._put(local, key, size=size, md5s=md5s, sha256=hashes.sha256, recording=recording,
                             conditional=key != overwrite_key)
             stored = await self.head(key)
-            if stored is None or stored.size != size or stored.etag not in proofs:
+            if stored is None or stored.size != size or not await self._holds(key, stored, proofs, hashes.sha256):
                 raise RetryableError(
                     f"S3 said the upload of {key!r} worked, but it holds "
                     f"{'nothing' if stored is None else f'{stored.size} bytes, ETag {stored.etag}'} "
@@ -356,7 +386,25 @@ class S3Destination:
         raise PermanentError(f"both {first!r} and its alternate name hold other objects in the bucket",
                              recording=recording)
 
-    async def _put(self, local: Path, key: str, *, size: int, md5s: list[bytes], recording: str,
+    async def _holds(self, key: str, found: ObjectInfo, proofs: frozenset[str], sha256: str) -> bool:
+        """The object at ``key`` (of the right size) holds these bytes. Its ETag proves it where it is the
+        MD5 (or the multipart ETag) of them; where the server's ETag is opaque (AWS with SSE-KMS, some
+        S3-compatible stores) the object is read back and hashed: a claim is never taken as proof."""
+        if found.etag in proofs:
+            return True
+        if found.checksum_sha256 is not None and found.checksum_sha256 == _b64_sha256(sha256):
+            # Checked by the server on upload (AWS does; we sent Content-MD5 too). Servers that store
+            # any checksum unchecked give MD5 ETags, which decided above.
+            return True
+        digest = hashlib.sha256()
+        async for chunk in self.chunks(key):
+            digest.update(chunk)
+        same = digest.hexdigest() == sha256
+        log.info("s3.read_back", key=key, etag=found.etag, same=same,
+                 reason="the ETag is not an MD5 of the bytes: read back to compare")
+        return same
+
+    async def _put(self, local: Path, key: str, *, size: int, md5s: list[bytes], sha256: str, recording: str,
                    conditional: bool) -> None:
         import asyncio
         bucket = self.cfg.bucket
@@ -365,21 +413,32 @@ class S3Destination:
             body = await asyncio.to_thread(_read_part, local, 0, size)
             with translate_s3_errors("put object", recording=recording):
                 try:
+                    # The sha256 too: a server whose ETag is not the MD5 (AWS with SSE-KMS) checks it and
+                    # gives it back on HEAD, so that the copy is proven without reading it back.
                     await self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentLength=len(body),
                                                  ContentMD5=base64.b64encode(md5s[0]).decode(),
+                                                 ChecksumSHA256=_b64_sha256(sha256),
                                                  ContentType=_content_type(key), **cond)
                 except Exception as exc:
                     _raise_precondition(exc, key, recording)
                     raise
             return
         part_size = self.cfg.part_size_bytes
+        creating = f"{KV_UPLOAD_PREFIX}creating:{key}"
         if key in self._unsure_uploads:
             await self._abort_uploads_of(key)
         self._unsure_uploads.add(key)
+        await self._journal(lambda db: db.kv_set(creating, key))
         with translate_s3_errors("create multipart upload", recording=recording):
             upload = await self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=_content_type(key))
         self._unsure_uploads.discard(key)
         upload_id = upload["UploadId"]
+        begun = f"{KV_UPLOAD_PREFIX}{upload_id}"
+
+        def journal_begun(db: LedgerDb) -> None:
+            db.kv_set(begun, key)
+            db.kv_delete(creating)
+        await self._journal(journal_begun)
         try:
             parts = []
             for n, md5 in enumerate(md5s, start=1):
@@ -400,7 +459,9 @@ class S3Destination:
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id))
+                await asyncio.shield(self._journal(lambda db: db.kv_delete(begun)))
             raise
+        await self._journal(lambda db: db.kv_delete(begun))
 
     async def put_small(self, key: str, body: bytes, *, recording: str) -> bool:
         """A small object (a sidecar) where none is: False when one is there already (left as it is)."""
@@ -439,10 +500,25 @@ class S3Destination:
                                           CopySource={"Bucket": self.cfg.bucket, "Key": key})
 
 
+def _b64_sha256(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
 def _content_type(key: str) -> str:
     lower = key.lower()
     return "audio/mpeg" if lower.endswith(".mp3") else "audio/wav" if lower.endswith(".wav") else \
         "application/json" if lower.endswith(".json") else "application/octet-stream"
+
+
+def _code(exc: BaseException) -> str:
+    """The S3 error code under an archiver error or a botocore ClientError, or ""."""
+    import botocore.exceptions as bce
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, bce.ClientError):
+            return str(cause.response.get("Error", {}).get("Code", ""))
+        cause = cause.__cause__
+    return ""
 
 
 def _raise_precondition(exc: Exception, key: str, recording: str) -> None:

@@ -435,8 +435,10 @@ class LedgerDb:
 
     def _copies_pending(self, c: sqlite3.Connection, key: str, now: float) -> None:
         for dest in self.destinations:
+            # A copy in repair stays so: the object at its key was ours, kept aside, to be written over.
             c.execute("INSERT INTO copies (key, dest, state, updated_at) VALUES (?, ?, 'pending', ?) "
-                      "ON CONFLICT(key, dest) DO UPDATE SET state = 'pending', attempts = 0, next_attempt_at = 0, "
+                      "ON CONFLICT(key, dest) DO UPDATE SET state = CASE WHEN copies.state = 'repair' THEN 'repair' "
+                      "ELSE 'pending' END, attempts = 0, next_attempt_at = 0, "
                       "last_error = NULL, updated_at = excluded.updated_at", (key, dest, now))
 
     # ---------------------------------------------------------------- off-box copies
@@ -479,12 +481,18 @@ class LedgerDb:
         with self.write() as c:
             c.execute("UPDATE copies SET object_key = ? WHERE key = ? AND dest = ?", (object_key, key, dest))
 
-    def copy_later(self, key: str, dest: str, *, error: str, next_at: float, now: float, failed: bool = False) -> None:
-        """A copy that did not work this time; ``failed`` for one that never can as asked (an operator's)."""
+    def copy_later(self, key: str, dest: str, *, error: str, next_at: float, now: float, failed: bool = False,
+                   max_attempts: int | None = None) -> str:
+        """A copy that did not work this time: again at ``next_at``, or ``failed`` — one that never can
+        as asked, or that spent ``max_attempts`` (an operator's turn: ``retry``). Returns its state."""
         with self.write() as c:
-            c.execute("UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+            row = c.execute("SELECT attempts FROM copies WHERE key = ? AND dest = ?", (key, dest)).fetchone()
+            attempts = (row["attempts"] if row else 0) + 1
+            state = "failed" if failed or (max_attempts is not None and attempts >= max_attempts) else "pending"
+            c.execute("UPDATE copies SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
                       "updated_at = ? WHERE key = ? AND dest = ?",
-                      ("failed" if failed else "pending", next_at, error[:1000], now, key, dest))
+                      (state, attempts, next_at, error[:1000], now, key, dest))
+        return state
 
     def copy_again(self, key: str, dest: str, *, state: str, now: float) -> None:
         """A verified copy found lost (``pending``) or damaged and kept aside (``repair``: it may be
@@ -543,13 +551,17 @@ class LedgerDb:
                                  ).fetchone() is not None
 
     def retry(self, keys: list[str] | None, *, now: float) -> int:
-        """Failed rows (all, or those keyed) back to pending with a fresh attempt budget."""
+        """Failed rows and failed off-box copies (all, or those keyed) back to pending with a fresh
+        attempt budget. Returns how many of either."""
         with self.write() as c:
             sql = ("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
                    "WHERE state = 'failed'")
+            copies = ("UPDATE copies SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
+                      "WHERE state = 'failed'")
             if keys is None:
-                return c.execute(sql, (now,)).rowcount
-            return sum(c.execute(sql + " AND key = ?", (now, k)).rowcount for k in keys)
+                return c.execute(sql, (now,)).rowcount + c.execute(copies, (now,)).rowcount
+            return sum(c.execute(sql + " AND key = ?", (now, k)).rowcount +
+                       c.execute(copies + " AND key = ?", (now, k)).rowcount for k in keys)
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -596,6 +608,16 @@ class LedgerDb:
             c.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                       (key, value))
 
+    def kv_items(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (key, value) whose key starts with ``prefix``."""
+        rows = self.conn.execute("SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? ORDER BY key",
+                                 (len(prefix), prefix)).fetchall()
+        return [(str(r["key"]), str(r["value"])) for r in rows]
+
+    def kv_delete(self, *keys: str) -> None:
+        with self.write() as c:
+            c.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in keys])
+
     # ---------------------------------------------------------------- reconciliation
     def reset_in_progress(self, *, now: float) -> int:
         """Rows left in progress by a process that died: back to pending, no attempt burnt."""
@@ -609,6 +631,14 @@ class LedgerDb:
         with self.write() as c:
             c.execute("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, last_error = ?, "
                       "updated_at = ? WHERE key = ?", (reason, now, key))
+
+    def restored(self, key: str, *, now: float) -> None:
+        """A re-queued recording whose local copy was restored from a verified off-box copy: archived
+        again (done when every copy is), nothing to download."""
+        with self.write() as c:
+            left = c.execute("SELECT COUNT(*) FROM copies WHERE key = ? AND state != 'done'", (key,)).fetchone()[0]
+            c.execute("UPDATE recordings SET state = ?, local_kept = 1, last_error = NULL, updated_at = ? "
+                      "WHERE key = ? AND state = 'pending'", ("copying" if left else "done", now, key))
 
     def adopt(self, ref: Ref, *, final_path: str, size: int, sha256: str, now: float) -> None:
         """Record a verified file found on disk as done (ledger rebuild)."""

@@ -27,6 +27,7 @@ class ReconcileReport:
     leases_reset: int = 0
     rebuilt: int = 0
     vanished: list[str] = field(default_factory=list)
+    restored: int = 0          # of the vanished, restored from a verified off-box copy (the runner's)
     parts_removed: int = 0
     parts_kept: int = 0
     untracked: int = 0
@@ -118,6 +119,7 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
     keep_parts = {r.part_path for r in db.rows("pending") if r.part_path and r.part_synced > 0}
     archived = [r for state in ARCHIVED for r in db.rows(state)]
     known_paths = {r.final_path for r in archived if r.final_path}
+    kept_paths = {r.final_path for r in archived if r.final_path and r.local_kept}
     rebuild = db.kv_get(KV_REBUILT) != "1"
     pbx_sn = db.kv_get(KV_PBX_SN)
     rebuild_errors = 0
@@ -177,9 +179,12 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
         rel = PurePosixPath(row.final_path)
         if not row.local_kept:
             # archive.keep_local: false — the verified off-box copy is the archive; finish a removal a
-            # crash cut short.
+            # crash cut short. Only of this recording's own bytes: once its file went, its path was
+            # free, and another recording of the same name may be archived there now (its only copy).
+            if row.final_path in kept_paths:
+                continue
             with contextlib.suppress(OSError):
-                if archive.exists(rel):
+                if archive.exists(rel) and row.sha256 and _holds(archive, rel, row.sha256):
                     os.unlink(archive.root / rel)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(archive.root / f"{rel}.json")
@@ -219,6 +224,15 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
              untracked=report.untracked, sidecars_written=report.sidecars_written, errors=report.errors,
              rebuild_complete=report.rebuild_complete)
     return report
+
+
+def _holds(archive: ArchiveDir, rel: PurePosixPath, sha256: str) -> bool:
+    """The file at ``rel`` holds exactly the bytes of this sha256."""
+    dir_fd = archive.open_dir(rel.parent, create=False)
+    try:
+        return ArchiveDir.hash_file(dir_fd, rel.name)[1] == sha256
+    finally:
+        os.close(dir_fd)
 
 
 def _adopt_from_sidecar(db: LedgerDb, archive: ArchiveDir, rel: PurePosixPath, now: float) -> bool:

@@ -55,6 +55,7 @@ class RunResult:
     copy_error: ArchiverError | None = None  # the off-box copy refused (credentials, bucket): exit 3 / 2
     copy_gave_up: bool = False          # once: the off-box copy's endpoint stayed unreachable (exit 4)
     copy_stats: CopyStats | None = None
+    copies_failed: int = 0              # off-box copies that failed for good (``retry`` after a fix): exit 1
 
     @property
     def left(self) -> int:
@@ -132,6 +133,13 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             # From now on a recording archived locally is "copying" until its off-box copy is verified.
             await ledger.call(lambda db: setattr(db, "destinations", dests))
             copier = Copier(cfg, ledger, dest, archive, clock, stop, once=once)
+            if report.vanished:
+                try:
+                    restored = await Verifier(ledger, archive, clock, dest=dest).restore_vanished(report.vanished)
+                except ArchiverError as exc:    # the bucket is down: they stay queued for a download
+                    log.warning("reconcile.restore_postponed", error=str(exc))
+                else:
+                    report.restored = restored
         gate = RequestGate(cfg.pbx.recording_format)
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
@@ -165,7 +173,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         if copier is not None:
             copying = asyncio.create_task(copier.run(), name="copier")
         if cfg.verify.interval_s > 0 and not once:
-            verifier = Verifier(ledger, archive, clock, dest=copier.dest if copier is not None else None)
+            verifier = Verifier(ledger, archive, clock, dest=copier.dest if copier is not None else None,
+                                postpone_on_outage=True)
             interval, rate = cfg.verify.interval_s, cfg.verify.max_bytes_per_second
             background.start(supervise("verify", lambda: verify_loop(verifier, interval, rate, clock, stop),
                                        loops, clock, stop), "verify")
@@ -211,6 +220,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         fatal = scheduler.fatal or (discovered.stop if isinstance(discovered.stop, FatalAuthError) else None)
         untrusted = scheduler.untrusted or (discovered.stop if isinstance(discovered.stop, TlsError) else None)
         counts = await ledger.call(lambda db: db.counts())
+        copies_failed = sum(states.get("failed", 0) for states in
+                            (await ledger.call(lambda db: db.copy_counts())).values())
     elapsed = clock.monotonic() - started
     if copier is not None:
         log.info("copy.summary", copied=copier.stats.copied, adopted=copier.stats.adopted, bytes=copier.stats.bytes,
@@ -224,7 +235,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                      discovery_incomplete=discovered.incomplete,
                      copy_error=copier.fatal if copier is not None else None,
                      copy_gave_up=copier.gave_up if copier is not None else False,
-                     copy_stats=copier.stats if copier is not None else None)
+                     copy_stats=copier.stats if copier is not None else None, copies_failed=copies_failed)
 
 
 async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, stop: asyncio.Event,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import structlog
 from daemon.archive import ArchiveDir, part_name
 from daemon.clock import Clock, sleep_or_stop
 from daemon.destinations import S3Destination
-from daemon.errors import ArchiverError, PauseError
+from daemon.errors import ArchiverError, DestinationConfigError, DestinationRefusedError, PauseError
 from daemon.ledger import ARCHIVED, Ledger, LedgerDb, Row
 
 log = structlog.get_logger("daemon.verify")
@@ -103,12 +104,44 @@ class Verifier:
     """Checks and mends the copies of archived recordings."""
 
     def __init__(self, ledger: Ledger, archive: ArchiveDir, clock: Clock, *, dest: S3Destination | None = None,
-                 repair: bool = True) -> None:
+                 repair: bool = True, postpone_on_outage: bool = False) -> None:
         self.ledger = ledger
         self.archive = archive
         self.clock = clock
         self.dest = dest
         self.repair = repair
+        self.postpone_on_outage = postpone_on_outage
+
+    async def restore_vanished(self, paths: list[str]) -> int:
+        """Local copies that start-up reconciliation found gone (and re-queued): restored from their
+        verified off-box copy when there is one, instead of fetched from a PBX that may no longer hold
+        them. Returns how many; the others stay queued for a download."""
+        if self.dest is None or not paths:
+            return 0
+        dest = self.dest.name
+        wanted = set(paths)
+
+        def candidates(db: LedgerDb) -> list[tuple[Row, str]]:
+            out = []
+            for row in db.rows("pending"):
+                if row.final_path in wanted and row.sha256:
+                    good = [c for c in db.copies_of(row.key) if c["dest"] == dest and c["state"] == "done"]
+                    if good:
+                        out.append((row, str(good[0]["object_key"])))
+            return out
+        restored = 0
+        for row, key in await self.ledger.call(candidates):
+            rel = PurePosixPath(str(row.final_path))
+            try:
+                await self._restore(row, rel, key)
+            except (ArchiverError, OSError) as exc:
+                log.warning("verify.restore_failed", recording=row.ref, key=key, error=str(exc),
+                            action="left queued for a download")
+                continue
+            await self.ledger.call(functools.partial(LedgerDb.restored, key=row.key, now=self.clock.wall()))
+            restored += 1
+            log.info("verify.restored", recording=row.ref, path=str(rel), source=f"{dest} ({key})")
+        return restored
 
     async def run(self, keys: list[str] | None = None, *, read_data: bool = False, rate: int | None = None,
                   stop: asyncio.Event | None = None) -> VerifyReport:
@@ -119,6 +152,8 @@ class Verifier:
         def archived(db: LedgerDb) -> list[tuple[Row, list[dict[str, Any]]]]:
             rows = [r for state in ARCHIVED for r in db.rows(state) if keys is None or r.key in keys]
             return [(r, db.copies_of(r.key)) for r in rows]
+        unreachable: ArchiverError | None = None
+        unchecked = 0
         for row, copies in await self.ledger.call(archived):
             if stop is not None and stop.is_set():
                 break
@@ -126,7 +161,22 @@ class Verifier:
             local_ok = await self._local(row, report, pace) if row.local_kept else None
             for copy in copies:
                 if copy["state"] == "done" and self.dest is not None and copy["dest"] == self.dest.name:
-                    await self._remote(row, copy, local_ok, report, pace, read_data)
+                    if unreachable is not None:
+                        unchecked += 1
+                        continue
+                    try:
+                        await self._remote(row, copy, local_ok, report, pace, read_data)
+                    except (PauseError, DestinationRefusedError, DestinationConfigError) as exc:
+                        if self.postpone_on_outage:
+                            raise        # the background walk tries again at its next turn
+                        unreachable, unchecked = exc, unchecked + 1
+        if unreachable is not None and self.dest is not None:
+            counted = f"{unchecked} off-box cop{'y' if unchecked == 1 else 'ies'}"
+            problem = Problem(recording="*", copy=self.dest.name, kind="unreachable", where=self.dest.cfg.bucket,
+                              detail=str(unreachable),
+                              action=f"{counted} not checked; run verify again when the bucket answers")
+            report.problems.append(problem)
+            log.warning("verify.problem", **asdict(problem))
         report.bytes_read = pace.bytes
         now = self.clock.wall()
         summary = json.dumps({"at": now, "checked": report.checked, "problems": len(report.problems)})
@@ -146,6 +196,12 @@ class Verifier:
         try:
             size, sha = await self._hash_local(rel, pace)
         except FileNotFoundError:
+            fresh = await self.ledger.call(lambda db: db.get(row.key))
+            if fresh is None or not fresh.local_kept or fresh.final_path != row.final_path \
+                    or fresh.state not in ARCHIVED:
+                # Since this walk began, the copier removed it after its verified off-box copy
+                # (keep_local: false), or the recording moved on: not a loss.
+                return True
             return await self._local_problem(row, rel, report, "vanished", "the file is gone")
         except OSError as exc:
             return await self._local_problem(row, rel, report, "unreadable", str(exc))
@@ -256,8 +312,13 @@ class Verifier:
                 await self.ledger.call(lambda db: db.copy_again(row.key, dest, state=state, now=now))
                 problem.action += "copied again from the local copy"
             else:
-                await self.ledger.call(lambda db: db.requeue(row.key, reason=f"verify: the {dest} copy was lost",
-                                                             now=now))
+                damaged = kind == "damaged"
+
+                def again(db: LedgerDb) -> None:
+                    if damaged:   # kept aside: the object at the key is ours to write over once re-fetched
+                        db.copy_again(row.key, dest, state="repair", now=now)
+                    db.requeue(row.key, reason=f"verify: the {dest} copy was lost", now=now)
+                await self.ledger.call(again)
                 problem.action += "re-queued: fetched again while the PBX holds it"
         log.warning("verify.problem", **asdict(problem))
 
