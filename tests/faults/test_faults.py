@@ -404,11 +404,12 @@ async def test_a_full_disk_under_the_ledger_pauses_every_loop_and_none_dies(faul
             return health.counts.get("done", 0)
         await until(lambda: done() == 3)           # discovery's back-fill found the other two
         filler = disk / "filler"
-        with filler.open("wb") as f:
+        # Unbuffered: the write that fills the disk fails there, and close has nothing left to flush
+        # (a buffered file raised ENOSPC again from close, outside the try).
+        with filler.open("wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError:
                 pass
         new = await fault_run.sim.add_recording()   # discovery will see it; the queue names another one
