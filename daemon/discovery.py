@@ -28,6 +28,7 @@ from daemon.supervise import Loops
 
 if TYPE_CHECKING:  # status reads discovery's checkpoint keys: it must not pay for aiohttp
     from daemon.client import PbxClient
+    from daemon.identity import PbxIdentity
 
 log = structlog.get_logger("daemon.discovery")
 
@@ -126,7 +127,7 @@ class Discovery:
     """Polls, back-fills, sweeps and listens; every recording found goes into the ledger."""
 
     def __init__(self, cfg: DiscoverConfig, client: PbxClient, ledger: Ledger, clock: Clock,
-                 notify: Callable[[], None], loops: Loops | None = None) -> None:
+                 notify: Callable[[], None], loops: Loops | None = None, identity: PbxIdentity | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.ledger = ledger
@@ -137,6 +138,8 @@ class Discovery:
         self._poke = asyncio.Event()
         self.polls = 0
         self.stop: asyncio.Event | None = None   # a listing ends at the page where this is set
+        # Ids are only unique within one PBX: nothing is written to the ledger before its serial is checked.
+        self.identity = identity
 
     # ---------------------------------------------------------------- ledger state
     async def _kv(self, key: str) -> str | None:
@@ -156,7 +159,10 @@ class Discovery:
         return added
 
     async def start(self) -> None:
-        """On the very first run: remember the newest id as the high-water mark and plan the back-fill."""
+        """Check which PBX this is; on the very first run (or the first on a new PBX): remember the
+        newest id as the high-water mark and plan the back-fill."""
+        if self.identity is not None:
+            await self.identity.ensure()
         if await self._kv(KV_HIGH_WATER) is not None:
             return
         page = await self.client.list_recordings(page=1, page_size=1, sort_by="id", order_by="desc")

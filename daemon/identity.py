@@ -9,14 +9,19 @@ the operator says the PBX was replaced (``--new-pbx``).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
 from daemon.client import PbxClient
+from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER
 from daemon.errors import PbxConfigError
 from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, Ledger, LedgerDb
 
 log = structlog.get_logger("daemon.identity")
+
+# Discovery's positions (its high-water id, the back-fill's page): they count the old PBX's ids.
+DISCOVERY_POSITIONS = (KV_HIGH_WATER, KV_BACKFILL)
 
 
 class WrongPbxError(PbxConfigError):
@@ -68,10 +73,15 @@ class PbxIdentity:
             elif recorded != told:
                 firmware = (info or {}).get("firmware_version") or ""
 
-                def record(db: LedgerDb) -> None:
+                def record(db: LedgerDb) -> int:
+                    retired = 0
+                    if recorded is not None:
+                        retired = db.retire_pbx(recorded, now=time.time(), kv_reset=DISCOVERY_POSITIONS)
                     db.kv_set(KV_PBX_SN, str(told))
                     db.kv_set(KV_PBX_FIRMWARE, firmware)
-                await self.ledger.call(record)
-                log.info("pbx.identified", sn=told, firmware=firmware, replaced=recorded)
+                    return retired
+                retired = await self.ledger.call(record)
+                log.info("pbx.identified", sn=told, firmware=firmware, replaced=recorded,
+                         **({"old_ids_retired": retired} if recorded is not None else {}))
             self.sn, self.known = told, True
             return told

@@ -632,6 +632,26 @@ class LedgerDb:
             c.execute("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, last_error = ?, "
                       "updated_at = ? WHERE key = ?", (reason, now, key))
 
+    def retire_pbx(self, old_sn: str, *, now: float, kv_reset: Iterable[str] = ()) -> int:
+        """The PBX was replaced (``--new-pbx``): recording ids start again on the new one, so the old
+        one's id rows must not answer for them (a new recording 1000 is not the old 1000, done years
+        ago). Their keys move aside (``pbx:<old sn>:id:1000``), their ids go; their files, sizes and
+        sha256 stay as the record of what was archived. What was still to fetch from the old PBX
+        cannot be any more: missing. ``kv_reset``: discovery's positions, which counted old ids.
+        Returns how many rows moved."""
+        prefix = f"pbx:{old_sn}:"
+        with self.write() as c:
+            moved = [r["key"] for r in c.execute("SELECT key FROM recordings WHERE rec_id IS NOT NULL")]
+            for key in moved:
+                c.execute("UPDATE copies SET key = ? WHERE key = ?", (prefix + key, key))
+                c.execute("UPDATE recordings SET key = ?, rec_id = NULL, updated_at = ? WHERE key = ?",
+                          (prefix + key, now, key))
+            c.execute("UPDATE recordings SET state = 'missing', lease_until = NULL, last_error = ?, updated_at = ? "
+                      "WHERE substr(key, 1, ?) = ? AND state IN ('pending', 'in_progress', 'failed')",
+                      (f"left on the replaced PBX {old_sn}", now, len(prefix), prefix))
+            c.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in kv_reset])
+        return len(moved)
+
     def restored(self, key: str, *, now: float) -> None:
         """A re-queued recording whose local copy was restored from a verified off-box copy: archived
         again (done when every copy is), nothing to download."""

@@ -116,10 +116,6 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                              elapsed_s=clock.monotonic() - started, interrupted=True)
         ledger, report = opened
         stack.push_async_callback(ledger.close)
-        if cfg.sources.ids:
-            refs = [Ref(rec_id=i) for i in cfg.sources.ids]
-            added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
-            log.info("sources.config_ids", ids=len(refs), added=added)
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
@@ -144,6 +140,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         resolver = Resolver(client, clock, gate, cfg.downloads.url_refresh_margin_s,
                             on_resolve=metrics.resolve_seconds.observe)
         identity = PbxIdentity(client, ledger, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=new_pbx)
+        if new_pbx:
+            # The old PBX's ids are retired first, so that the configured ids are the new PBX's.
+            with contextlib.suppress(ArchiverError):   # PBX trouble now: met again before the first download
+                await identity.ensure()
+        if cfg.sources.ids:
+            refs = [Ref(rec_id=i) for i in cfg.sources.ids]
+            added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
+            log.info("sources.config_ids", ids=len(refs), added=added)
         downloader = Downloader(cfg, client, resolver, gate, ledger, clock, archive, identity)
         scheduler = Scheduler(cfg, ledger, downloader, client, clock, stop, once=once,
                               on_archived=metrics.download_seconds.observe)
@@ -183,7 +187,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                                        loops, clock, stop), "reload")
         discovered = DiscoverOnce()
         if cfg.sources.discover.enabled:
-            discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify, loops)
+            discovery = Discovery(cfg.sources.discover, client, ledger, clock, scheduler.notify, loops, identity)
             if once:
                 discovered = await _discover_once(discovery, clock, stop)
             else:

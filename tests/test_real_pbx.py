@@ -453,6 +453,33 @@ async def test_the_pbx_serial_is_in_sidecars_status_check_and_the_layout(start_s
     assert "PBX serial PBX-0042, firmware 37.12.0.22" in check.stdout
 
 
+async def test_a_new_pbx_s_recordings_with_the_old_one_s_ids_are_archived_not_skipped(
+        start_sim: SimFactory, tmp_path: Path) -> None:
+    """After --new-pbx, ids start again: before, the new PBX's 1000 and 1001 were taken for the old
+    PBX's (done) and skipped, and discovery, its high-water mark at the old PBX's newest id, never
+    looked at them. Discovery also wrote the ledger before the serial was checked."""
+    old = await start_sim(count=2, sn="FIRST", seed=1)
+    cfg = write_config(tmp_path, old.base_url, extra={"sources": {"ids": [1000, 1001]}})
+    assert (await _once(cfg)).counts["done"] == 2
+    new = await start_sim(count=3, sn="SECOND", seed=2)
+    cfg = write_config(tmp_path, new.base_url, extra={"sources": {"ids": [1000], "discover": {"enabled": True}}})
+    refused = await _once(cfg)                              # another serial, not told: nothing written
+    ledger = LedgerDb(load_config(cfg).state.path)
+    try:
+        assert ledger.kv_get("discover.high_water") is None and refused.counts["done"] == 2
+    finally:
+        ledger.close()
+    result = await _once(cfg, new_pbx=True)
+    assert result.counts["failed"] == 0, result.counts
+    archived = archive_files(tmp_path / "archive")
+    for sim in (old, new):
+        for rec in sim.recordings:
+            assert sim.content(rec) in archived.values(), f"{sim.opts.sn} {rec.id} not archived"
+    assert len(archived) == 5
+    status = json.loads((await asyncio.to_thread(run_cli, "status", "--json", "-c", str(cfg))).stdout)
+    assert status["pbx"]["sn"] == "SECOND" and status["counts"]["done"] == 5
+
+
 def test_another_pbx_behind_the_same_config_is_refused_unless_told(tmp_path: Path) -> None:
     """Item 8: recording ids are per PBX; another one's 1000 is not the ledger's 1000."""
     from tests.conftest import simulator_subprocess
