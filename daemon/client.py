@@ -1034,5 +1034,6 @@ def _page(data: dict[str, Any]) -> RecordingPage:
     if not isinstance(items, list):
         raise PbxBusyError("recording list: 'data' is not a list")
     clean = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), int)]
-    return RecordingPage(total=_int_or(data.get("total_number"), len(clean)), items=clean)
+    # total 0: the PBX did not say (callers must not read "no more" into it).
+    return RecordingPage(total=max(0, _int_or(data.get("total_number"), 0)), items=clean)
 

@@ -57,6 +57,20 @@ def item_ref(item: dict[str, Any]) -> Ref | None:
     return Ref(rec_id=rec_id, file=file, meta=meta)
 
 
+def page_capped(page_no: int, size: int, got: int, total: int, short_before: int | None) -> bool:
+    """Whether a PBX gave fewer items per page than asked because it caps ``page_size``. Pure.
+
+    By ``total_number``: it says a full page was due (not merely one more item: a count that is off by
+    one must not make the last, naturally short page look capped, and paging drop to its size). Without
+    a usable total: a short page followed by a non-empty one (``short_before``: the previous page's
+    count when it was short)."""
+    if got <= 0:
+        return False
+    if got < size and total > 0:
+        return total >= (page_no - 1) * size + size
+    return total <= 0 and short_before is not None and page_no > 1
+
+
 def name_date(file: str | None) -> str | None:
     """YYYY-MM-DD from the PBX file name's prefix, if it has one."""
     m = _NAME_DATE.match(file or "")
@@ -135,6 +149,7 @@ class Discovery:
         self.notify = notify
         self.loops = loops or Loops(clock)
         self.page_size = cfg.page_size     # lowered to what the PBX really gives, once seen
+        self._backfill_short: int | None = None  # the back-fill's last page count, when short
         self._poke = asyncio.Event()
         self.polls = 0
         self.stop: asyncio.Event | None = None   # a listing ends at the page where this is set
@@ -172,7 +187,7 @@ class Discovery:
         log.info("discover.initialised", newest_id=top, recordings=page.total)
 
     # ---------------------------------------------------------------- paging
-    async def _page(self, page_no: int) -> tuple[list[dict[str, Any]], bool, int]:
+    async def _page(self, page_no: int, short: int | None = None) -> tuple[list[dict[str, Any]], bool, int]:
         """One page of ``recording/list`` by id, newest first, as (items, capped). ``capped``: the PBX
         gave fewer items than asked while it holds more — it caps page_size (the maximum is not
         documented), and from now on pages are asked for in its size, so that page numbers mean the
@@ -180,9 +195,10 @@ class Discovery:
         earlier page, where oldest-first paging would skip what slides past it."""
         size = self.page_size
         page = await self.client.list_recordings(page=page_no, page_size=size, sort_by="id", order_by="desc")
-        capped = 0 < len(page.items) < size and page.total > (page_no - 1) * size + len(page.items)
+        capped = page_capped(page_no, size, len(page.items), page.total, short)
         if capped:
-            self.page_size = len(page.items)
+            # The PBX's size: this page's, or (detected one page late, with no total) the short one's.
+            self.page_size = len(page.items) if len(page.items) < size else (short or size)
             log.warning("pbx.page_size_capped", asked=size, got=self.page_size,
                         action=f"paging by {self.page_size} from now on")
         return page.items, capped, page.total
@@ -193,8 +209,10 @@ class Discovery:
         seen_below: int | None = None  # the lowest id seen: anything at or above it came already
         page_no = first_page
         stale = 0                      # pages in a row that brought nothing new
+        short: int | None = None       # the previous page's count, when it was short (cap detection)
         while self.stop is None or not self.stop.is_set():
-            items, capped, _total = await self._page(page_no)
+            items, capped, _total = await self._page(page_no, short)
+            short = len(items) if 0 < len(items) < self.page_size and not capped else None
             if capped:
                 page_no = 1 if first_page == 1 else max(1, page_no - 1)  # start over in the PBX's size
                 continue
@@ -247,7 +265,8 @@ class Discovery:
             # Pages were counted in another size (a capped PBX, a changed page_size): start over,
             # by id; what was enqueued already is known to the ledger.
             state.page, state.size = 1, self.page_size
-        items, capped, total = await self._page(state.page)
+        items, capped, total = await self._page(state.page, self._backfill_short if state.page > 1 else None)
+        self._backfill_short = len(items) if 0 < len(items) < self.page_size and not capped else None
         if capped:
             state.page, state.size = 1, self.page_size
             await self._set(KV_BACKFILL, state.dump())
@@ -310,13 +329,23 @@ class Discovery:
         return added, len(gone)
 
     async def confirm_present(self, ids: list[int]) -> set[int]:
-        """The ids among ``ids`` the PBX still has, asked ``SEARCH_BATCH`` at a time."""
+        """The ids among ``ids`` the PBX still has, asked ``SEARCH_BATCH`` at a time — no more per
+        page than the PBX is known to give, and page by page while an answer comes back full (a PBX
+        that caps page_size would otherwise leave present ids unconfirmed, and they would be marked
+        missing)."""
         found: set[int] = set()
+        per_page = max(1, min(SEARCH_BATCH, self.page_size))
         for n in range(0, len(ids), SEARCH_BATCH):
             batch = ids[n:n + SEARCH_BATCH]
-            page = await self.client.search_recordings(page=1, page_size=max(len(batch), 1),
-                                                       ids=",".join(str(i) for i in batch))
-            found.update(item["id"] for item in page.items)
+            wanted = set(batch)
+            for page_no in range(1, len(batch) + 2):
+                page = await self.client.search_recordings(page=page_no, page_size=per_page,
+                                                           ids=",".join(str(i) for i in batch))
+                got = {item["id"] for item in page.items} & wanted
+                found |= got
+                more = len(page.items) >= per_page or page.total > page_no * per_page
+                if not page.items or wanted <= found or not more:
+                    break
         return found
 
     # ---------------------------------------------------------------- events

@@ -50,7 +50,9 @@ from daemon.config import Config
 from daemon.errors import (
     DeferredError,
     LedgerError,
+    PbxUnavailableError,
     PermanentError,
+    RetryableError,
     StorageError,
     TransferError,
     UrlExpiredError,
@@ -115,6 +117,14 @@ def too_slow(window_bytes: int, window_s: float, min_bytes_per_second: int,
     """True when a full throughput window moved fewer bytes than the floor allows. Pure."""
     return min_bytes_per_second > 0 and window_s >= full_window_s and \
         window_bytes < min_bytes_per_second * window_s
+
+
+def gate_hint(content_type: str | None, url_hint: str | None) -> str | None:
+    """What a file answer's headers may teach the one-request gate: only that it is mp3 (closing it),
+    never wav (opening it) — a PBX that labels mp3 bytes audio/wav would let other requests in before
+    the bytes show what they are. Pure."""
+    fmt = served_format(b"", content_type, url_hint)
+    return fmt if fmt == "mp3" else None
 
 
 def wav_declared_size(head: bytes) -> int | None:
@@ -208,7 +218,12 @@ class Downloader:
         the URL expired several times in a row, DeferredError while a twin row transfers the same
         recording (the caller must burn no attempt for either)."""
         if self.identity is not None:
-            self.pbx_sn = await self.identity.ensure()
+            try:
+                self.pbx_sn = await self.identity.ensure()
+            except RetryableError as exc:
+                # system/information is the PBX's question, not this recording's: a busy answer pauses
+                # the pipeline and burns no recording's attempt.
+                raise PbxUnavailableError(f"system/information: {exc}", retry_after_s=exc.retry_after_s) from exc
         rounds = confirms = 0
         while rounds < MAX_URL_ROUNDS:
             url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
@@ -440,8 +455,7 @@ class Downloader:
         floor = ThroughputFloor(self.clock, dl.min_bytes_per_second, dl.throughput_window_s, row.ref)
         async with self.gate.slot(), self._counted(), \
                 self.client.open_file(url.url, offset=keep, recording=row.ref, meter=floor,
-                                      on_headers=lambda ctype: self.gate.learn(
-                                          served_format(b"", ctype, url.format_hint))) as stream:
+                                      on_headers=lambda ctype: self._learn_from_headers(ctype, url)) as stream:
             if stream.status == 416:
                 if keep and stream.total == keep:
                     return _Body(keep, digest.hexdigest(), head, None)
@@ -491,6 +505,9 @@ class Downloader:
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
         return _Body(size, digest.hexdigest(), head, stream.content_type, length_known=expected is not None)
+
+    def _learn_from_headers(self, content_type: str | None, url: DownloadUrl) -> None:
+        self.gate.learn(gate_hint(content_type, url.format_hint))
 
     @contextlib.asynccontextmanager
     async def _counted(self) -> AsyncIterator[None]:

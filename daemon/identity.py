@@ -32,6 +32,11 @@ def identity_problem(recorded: str | None, told: str | None, *, layout_needs_sn:
                      ) -> str | None:
     """Why this PBX must not be archived into this ledger, or None. Pure; tested as a table."""
     if told is None:
+        if recorded is not None and not accept_new:
+            # It told its serial before: a PBX that no longer does may be another one behind the URL.
+            return (f"the ledger was filled from the PBX with serial {recorded}, but pbx.base_url no longer tells "
+                    "its serial (system/information): check pbx.base_url; if the PBX was replaced or its "
+                    "firmware changed, run once with --new-pbx")
         if layout_needs_sn:
             return ("archive.layout uses {pbx_sn}, but the PBX does not tell its serial (no system/information "
                     "on this firmware): take {pbx_sn} out of archive.layout")
@@ -69,6 +74,11 @@ class PbxIdentity:
             if problem is not None:
                 raise WrongPbxError(problem)
             if told is None:
+                if recorded is not None:     # --new-pbx, and the new one tells no serial
+                    def forget_old(db: LedgerDb) -> None:
+                        db.retire_pbx(recorded, now=time.time(), kv_reset=DISCOVERY_POSITIONS)
+                        db.kv_delete(KV_PBX_SN, KV_PBX_FIRMWARE)
+                    await self.ledger.call(forget_old)
                 log.warning("pbx.serial_unknown", action="archiving without the PBX's serial in the sidecars")
             elif recorded != told:
                 firmware = (info or {}).get("firmware_version") or ""

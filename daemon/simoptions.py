@@ -54,6 +54,8 @@ class SimOptions:
     expired_url_answer: str = "404"    # an expired file URL: 404 | 403 | 410 | 60001 (an errcode envelope)
     api_version_error: int = 0         # every API call answers this errcode (10002 or 10003); 0: off
     block_expire_s: float = 0.0        # 70004 carries block_expire_time this far ahead, and the block lifts then
+    content_type: str = ""             # the files' Content-Type whatever they hold (a PBX that labels mp3 audio/wav)
+    total_number: str = "right"        # recording/list's total_number: right | absent | plus1 (off by one)
     page_ignored: bool = False         # recording/list answers page 1 whatever page is asked (never empty)
     body_length: str = "content-length"  # how a file's end is told: content-length | chunked | close (the
                                        # connection closes after the body: a cut looks like the end)

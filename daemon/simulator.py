@@ -462,8 +462,10 @@ class Simulator:
             chunk = recs[start: start + cap]
         else:
             chunk = recs[(page - 1) * size: page * size]
-        return web.json_response({"errcode": 0, "errmsg": "SUCCESS", "total_number": len(recs),
-                                  "data": [r.listing() for r in chunk]})
+        answer: dict[str, Any] = {"errcode": 0, "errmsg": "SUCCESS", "data": [r.listing() for r in chunk]}
+        if self.opts.total_number != "absent":
+            answer["total_number"] = len(recs) + (1 if self.opts.total_number == "plus1" else 0)
+        return web.json_response(answer)
 
     def _ready(self, rec: Recording) -> bool:
         return self.ready_at.get(rec.id, 0.0) <= self.clock.monotonic()
@@ -677,7 +679,7 @@ class Simulator:
             status = 206
         fmt = "mp3" if self.serves_mp3 else "wav"
         resp = web.StreamResponse(status=status)
-        resp.content_type = "audio/mpeg" if fmt == "mp3" else "audio/wav"
+        resp.content_type = o.content_type or ("audio/mpeg" if fmt == "mp3" else "audio/wav")
         if o.body_length == "content-length":
             resp.content_length = end - start
         elif o.body_length == "chunked":

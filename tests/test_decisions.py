@@ -9,7 +9,7 @@ import pytest
 
 from daemon.archive import Naming, alternate_name, final_relpath, is_safe_name, looks_like_audio
 from daemon.client import DownloadUrl, redirect_refused
-from daemon.downloader import too_slow, unproven_end, verification_problem
+from daemon.downloader import gate_hint, too_slow, unproven_end, verification_problem
 from daemon.ledger import Ref
 from daemon.reconcile import identity_decision
 from daemon.resolver import RequestGate, url_needs_refresh
@@ -263,3 +263,15 @@ def _riff(declared_total: int) -> bytes:
 def test_unproven_end(size: int, head: bytes, listing: int | None, length_known: bool, unproven: str | None) -> None:
     result = unproven_end(size, head, listing, length_known=length_known)
     assert (result is None) if unproven is None else (unproven in (result or ""))
+
+
+@pytest.mark.parametrize(("content_type", "hint", "learnt"), [
+    ("audio/mpeg", None, "mp3"),
+    ("audio/mpeg", "wav", "mp3"),
+    ("audio/wav", None, None),         # headers never open the gate: the bytes may be mp3 all the same
+    ("audio/x-wav", "wav", None),
+    (None, "mp3", "mp3"),
+    (None, None, None),
+])
+def test_gate_hint(content_type: str | None, hint: str | None, learnt: str | None) -> None:
+    assert gate_hint(content_type, hint) == learnt

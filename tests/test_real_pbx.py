@@ -189,6 +189,39 @@ async def test_a_capped_page_size_is_learnt_and_nothing_is_skipped(start_sim: Si
     assert discovery.page_size == 30 and any(e["event"] == "pbx.page_size_capped" for e in logs)
 
 
+@pytest.mark.parametrize(("page_no", "size", "got", "total", "short_before", "capped"), [
+    (1, 100, 30, 120, None, True),       # total says a full page was due
+    (2, 30, 30, 120, None, False),
+    (4, 30, 29, 119, None, False),       # the last page, naturally short...
+    (4, 30, 29, 120, None, True),        # ...or one short of a count off by one: 29 a page, harmless
+    (4, 30, 1, 91, None, False),         # 91 with 30 a page: the last page holds one
+    (4, 30, 1, 92, None, False),         # a count off by one: before, paging dropped to 1 a page
+    (1, 100, 30, 0, None, False),        # no total: nothing to tell yet...
+    (2, 100, 30, 0, 30, True),           # ...a short page followed by another: capped
+    (2, 100, 0, 0, 30, False),
+])
+def test_page_capped(page_no: int, size: int, got: int, total: int, short_before: int | None, capped: bool) -> None:
+    from daemon.discovery import page_capped
+    assert page_capped(page_no, size, got, total, short_before) is capped
+
+
+@pytest.mark.parametrize("total", ["absent", "plus1"])
+async def test_a_capped_pbx_without_a_true_total_is_paged_to_the_end(start_sim: SimFactory, tmp_path: Path,
+                                                                      total: str) -> None:
+    """Cap detection leaned on total_number: without it the back-fill paged by the asked size and
+    skipped what lay between; with a count off by one the last page set the page size (to 1)."""
+    sim = await start_sim(count=57, page_cap=10, total_number=total)
+    async with Ledger(tmp_path / "l.db") as ledger, PbxClient(pbx_config(sim.base_url)) as client:
+        discovery = Discovery(DiscoverConfig(enabled=True, page_size=25), client, ledger, client.clock, lambda: None)
+        assert await discovery.run_once()
+        ids = await ledger.call(lambda db: {r.rec_id for r in db.rows()})
+        assert discovery.page_size == 10
+        # The sweep's confirmation asks by id, no more per page than the PBX gives: all 57 are there.
+        assert await discovery.confirm_present(sorted(ids)) == ids
+    assert ids == {r.id for r in sim.recordings}
+    assert len(sim.list_queries) < 20
+
+
 # ---------------------------------------------------------------- 2. 60001 before the file is ready
 async def test_a_name_announced_before_the_pbx_serves_it_is_retried_for_the_grace_period(
         start_sim: SimFactory, tmp_path: Path) -> None:
@@ -421,6 +454,29 @@ async def test_run_logs_in_again_when_the_pbx_said_its_ip_block_lifts(start_sim:
     assert sim.counters.logins >= 1
 
 
+async def test_a_content_type_that_says_wav_never_opens_the_one_request_gate(start_sim: SimFactory,
+                                                                           tmp_path: Path) -> None:
+    """mp3 bytes labelled audio/wav keep the one-request rule (the headers never open the gate; on
+    loopback they arrive with the first bytes, so the pure rule is pinned in test_decisions too)."""
+    sim = await start_sim(count=4, mp3_transcode="wav-name", content_type="audio/wav")
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": [r.id for r in sim.recordings]},
+                                                      "downloads": {"workers": 4}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 4
+    assert sim.counters.mp3_violations == 0 and sim.counters.max_concurrency == 1
+
+
+async def test_a_busy_system_information_pauses_and_burns_no_recording_s_attempt(start_sim: SimFactory,
+                                                                                tmp_path: Path) -> None:
+    sim = await start_sim(count=2)
+    sim.control(inject={"system/information": [70082, 70082, 70082]})
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": [r.id for r in sim.recordings]},
+                                                      "downloads": {"max_attempts": 1, "pause_max_s": 0.3}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 2 and result.counts["failed"] == 0, result.counts
+    assert sim.counters.errcodes_injected[70082] == 3
+
+
 # ---------------------------------------------------------------- 8. which PBX this is
 @pytest.mark.parametrize(("recorded", "told", "needs", "accept", "problem"), [
     (None, "A", False, False, None),
@@ -429,6 +485,8 @@ async def test_run_logs_in_again_when_the_pbx_said_its_ip_block_lifts(start_sim:
     ("A", "B", False, True, None),
     (None, None, False, False, None),
     (None, None, True, False, "{pbx_sn}"),
+    ("A", None, False, False, "no longer tells"),       # another PBX behind the URL, without the endpoint
+    ("A", None, False, True, None),
 ])
 def test_identity_problem(recorded: str | None, told: str | None, needs: bool, accept: bool,
                           problem: str | None) -> None:
