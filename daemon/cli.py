@@ -620,7 +620,8 @@ def verify_status(db: LedgerDb) -> dict[str, Any]:
 
 def discovery_status(db: LedgerDb) -> dict[str, Any]:
     """The discovery checkpoint and its last activity, as status shows them ({} if never run)."""
-    from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER, KV_LAST_EVENT, KV_LAST_POLL, KV_LAST_SWEEP, Backfill
+    from daemon.discovery import KV_LAST_EVENT, KV_LAST_POLL, KV_LAST_SWEEP, Backfill
+    from daemon.ledger import KV_BACKFILL, KV_HIGH_WATER
     high = db.kv_get(KV_HIGH_WATER)
     if high is None:
         return {}

@@ -23,7 +23,7 @@ from daemon.client import BLOCK_LIFT_MARGIN_S
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import DiscoverConfig
 from daemon.errors import ArchiverError, FatalAuthError
-from daemon.ledger import META_FIELDS, Ledger, Ref
+from daemon.ledger import KV_BACKFILL, KV_HIGH_WATER, META_FIELDS, Ledger, Ref
 from daemon.supervise import Loops
 
 if TYPE_CHECKING:  # status reads discovery's checkpoint keys: it must not pay for aiohttp
@@ -32,8 +32,6 @@ if TYPE_CHECKING:  # status reads discovery's checkpoint keys: it must not pay f
 
 log = structlog.get_logger("daemon.discovery")
 
-KV_HIGH_WATER = "discover.high_water"
-KV_BACKFILL = "discover.backfill"
 KV_LAST_POLL = "discover.last_poll_at"
 KV_LAST_EVENT = "discover.last_event_at"
 KV_LAST_SWEEP = "discover.last_sweep_at"

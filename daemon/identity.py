@@ -14,9 +14,8 @@ import time
 import structlog
 
 from daemon.client import PbxClient
-from daemon.discovery import KV_BACKFILL, KV_HIGH_WATER
 from daemon.errors import PbxConfigError
-from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, Ledger, LedgerDb
+from daemon.ledger import KV_BACKFILL, KV_HIGH_WATER, KV_PBX_FIRMWARE, KV_PBX_SN, Ledger, LedgerDb
 
 log = structlog.get_logger("daemon.identity")
 

@@ -29,6 +29,8 @@ KV_ARCHIVE_ID = "archive.id"
 KV_REBUILT = "reconcile.rebuild_complete"
 KV_PBX_SN = "pbx.sn"               # the serial of the PBX this ledger was filled from (daemon.identity)
 KV_PBX_FIRMWARE = "pbx.firmware"
+KV_HIGH_WATER = "discover.high_water"  # discovery's newest id seen (daemon.discovery)
+KV_BACKFILL = "discover.backfill"      # discovery's back-fill position
 DEFER_S = 15.0             # a twin row transferring the same recording: look again this much later
 META_FIELDS = ("size", "time", "uid", "call_from", "call_to", "call_type", "duration")
 

@@ -57,12 +57,16 @@ class S3Server:
                    str(self.root / "data")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return
-            assert self.proc.poll() is None, f"{self.kind} server did not start"
-            assert time.monotonic() < deadline, f"{self.kind} server did not listen"
-            time.sleep(0.05)
+        try:
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+                assert self.proc.poll() is None, f"{self.kind} server did not start"
+                assert time.monotonic() < deadline, f"{self.kind} server did not listen"
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()      # never leave a server process behind a failed start
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -99,7 +99,9 @@ def test_sigkill_at_five_random_moments_then_restart_archives_everything_once(tm
 
 def test_sigterm_with_downloads_in_flight_exits_0_within_the_grace_time(tmp_path: Path) -> None:
     with simulator_subprocess("--count", "6", "--stall-rate", "1", "--stall-s", "60") as base_url:
+        # recording_format wav: in auto mode only the first bytes (stalled here) open the one-request gate.
         cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": list(range(1000, 1006))},
+                                                      "pbx": {"recording_format": "wav"},
                                                       "service": {"shutdown_grace_s": 1}})
         proc = _start_run(cfg)
         _wait_until(lambda: sim_counters(base_url)["in_flight"] >= 2, timeout=30)
