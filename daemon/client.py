@@ -33,6 +33,7 @@ from daemon.errors import (
     PbxBusyError,
     PbxConfigError,
     PbxUnavailableError,
+    PermanentError,
     RecordingMissingError,
     RequestRejectedError,
     RetryableError,
@@ -337,6 +338,9 @@ class FileStream:
         self.start = start
         self.total = total
         self.length = response.content_length
+        # A chunked body ends with its last chunk: one that stops short of it breaks (ClientPayloadError),
+        # so a body that ends well is whole, as with a Content-Length.
+        self.chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
         self.content_type = response.headers.get("Content-Type")
         self._response = response
         self._first = first
@@ -956,6 +960,11 @@ class PbxClient:
             if exc.errcode == 10001:
                 return None
             raise
+        except PermanentError as exc:
+            # 40003, 60001 and the like: this firmware will not tell its serial to this application. Like
+            # 10001, no serial (a ledger that recorded one refuses it); never a verdict on a recording.
+            log.warning("pbx.system_information_refused", reason=str(exc), action="no serial")
+            return None
         return {k: data.get(k) for k in ("sn", "firmware_version", "system_date_format", "system_time_format")
                 if isinstance(data.get(k), str) and data.get(k)}
 

@@ -58,13 +58,16 @@ def item_ref(item: dict[str, Any]) -> Ref | None:
 def page_capped(page_no: int, size: int, got: int, total: int, short_before: int | None) -> bool:
     """Whether a PBX gave fewer items per page than asked because it caps ``page_size``. Pure.
 
-    By ``total_number``: it says a full page was due (not merely one more item: a count that is off by
-    one must not make the last, naturally short page look capped, and paging drop to its size). Without
-    a usable total: a short page followed by a non-empty one (``short_before``: the previous page's
-    count when it was short)."""
+    By ``total_number``: the first page holds fewer than it says; a later page, it says a full page was
+    due (not merely one more item: a count that is off by one must not make the last, naturally short
+    page look capped, and paging drop to its size). Without a usable total: a short page followed by a
+    non-empty one (``short_before``: the previous page's count when it was short); a short first page
+    alone is settled by the caller with one more request."""
     if got <= 0:
         return False
     if got < size and total > 0:
+        if page_no == 1:
+            return total > got       # the first page is full up to the total, whatever its offsets
         return total >= (page_no - 1) * size + size
     return total <= 0 and short_before is not None and page_no > 1
 
@@ -194,6 +197,12 @@ class Discovery:
         size = self.page_size
         page = await self.client.list_recordings(page=page_no, page_size=size, sort_by="id", order_by="desc")
         capped = page_capped(page_no, size, len(page.items), page.total, short)
+        if not capped and page_no == 1 and page.total <= 0 and 0 < len(page.items) < size:
+            # A short first page and no total: all there is, or a cap? Page 2 in that size tells (a
+            # PBX that offsets pages by the asked size would answer an empty page 2 in ours).
+            probe = await self.client.list_recordings(page=2, page_size=len(page.items), sort_by="id",
+                                                      order_by="desc")
+            capped = bool([i for i in probe.items if i["id"] < min(j["id"] for j in page.items)])
         if capped:
             # The PBX's size: this page's, or (detected one page late, with no total) the short one's.
             self.page_size = len(page.items) if len(page.items) < size else (short or size)
@@ -259,6 +268,9 @@ class Discovery:
             return True
         if state.size == 0:            # written by an older version, which paged by the configured size
             state.size = self.cfg.page_size
+        if state.size < self.page_size and self.page_size == self.cfg.page_size:
+            # A new process resuming a back-fill paged in a cap learnt before: keep paging in it.
+            self.page_size = state.size
         if state.size != self.page_size:
             # Pages were counted in another size (a capped PBX, a changed page_size): start over,
             # by id; what was enqueued already is known to the ledger.
@@ -276,7 +288,10 @@ class Discovery:
         below_since = self.cfg.since_id is not None and any(item["id"] < self.cfg.since_id for item in items)
         # Pages past the PBX's own count (with room for recordings added meanwhile): a PBX that ignores
         # ``page`` never answers an empty one, and the back-fill must still end.
-        beyond = total > 0 and (state.page - STALE_PAGES) * state.size >= total
+        # A total no bigger than a later page's own items is no count of the whole (some firmware gives
+        # the page's own count): it ends nothing.
+        whole = not (state.page > 1 and total <= len(items))
+        beyond = total > 0 and whole and (state.page - STALE_PAGES) * state.size >= total
         if beyond and items:
             log.warning("pbx.paging_stuck", page=state.page, total=total, action="ending the back-fill")
         state.done = below_since or not items or beyond
@@ -339,8 +354,12 @@ class Discovery:
             for page_no in range(1, len(batch) + 2):
                 page = await self.client.search_recordings(page=page_no, page_size=per_page,
                                                            ids=",".join(str(i) for i in batch))
-                got = {item["id"] for item in page.items} & wanted
-                found |= got
+                listed = {item["id"] for item in page.items}
+                if listed - wanted:
+                    # The PBX ignored ids= (it answered others): nothing can be confirmed gone this way.
+                    log.warning("pbx.search_ignores_ids", action="marking nothing missing in this sweep")
+                    return set(ids)
+                found |= listed
                 more = len(page.items) >= per_page or page.total > page_no * per_page
                 if not page.items or wanted <= found or not more:
                     break

@@ -48,8 +48,11 @@ from daemon.client import DownloadUrl, PbxClient
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.errors import (
+    ArchiverError,
     DeferredError,
+    FatalAuthError,
     LedgerError,
+    PauseError,
     PbxUnavailableError,
     PermanentError,
     RetryableError,
@@ -212,6 +215,7 @@ class Downloader:
         self.pbx_sn: str | None = None   # for the layout's {pbx_sn} and the sidecar, once the PBX told it
         # key -> (size, sha256) of the last transfer whose end nothing vouched for (see unproven_end).
         self._unconfirmed: dict[str, tuple[int, str]] = {}
+        self._range_ignored = False   # the PBX answered a Range request with the whole file
 
     async def archive_row(self, row: Row) -> Archived:
         """Resolve, fetch, verify and commit ``row``. Raises from ``errors``; UrlExpiredError only after
@@ -220,10 +224,13 @@ class Downloader:
         if self.identity is not None:
             try:
                 self.pbx_sn = await self.identity.ensure()
-            except RetryableError as exc:
-                # system/information is the PBX's question, not this recording's: a busy answer pauses
-                # the pipeline and burns no recording's attempt.
-                raise PbxUnavailableError(f"system/information: {exc}", retry_after_s=exc.retry_after_s) from exc
+            except (FatalAuthError, PauseError):
+                raise
+            except ArchiverError as exc:
+                # system/information is the PBX's question, not this recording's: whatever it answers
+                # (busy, 40003, 60001) pauses the pipeline and decides nothing about the recording.
+                retry = exc.retry_after_s if isinstance(exc, RetryableError) else None
+                raise PbxUnavailableError(f"system/information: {exc}", retry_after_s=retry) from exc
         rounds = confirms = 0
         while rounds < MAX_URL_ROUNDS:
             url = await self.resolver.url_for(row.key, rec_id=row.rec_id, file=row.file)
@@ -372,12 +379,28 @@ class Downloader:
                 raise TransferError(problem, recording=row.ref)
             unproven = unproven_end(body.size, body.head, listing, length_known=body.length_known)
             if unproven is not None:
+                end = await self._probe_end(row, url, body.size)
+                if end is False:
+                    await self._discard(row, dir_fd, part)
+                    raise TransferError(f"{unproven}, and the PBX holds bytes beyond it: the transfer was cut",
+                                        recording=row.ref)
+                if end is True:
+                    unproven = None
+                    log.info("download.end_confirmed", recording=row.ref, size=body.size,
+                             reason="nothing beyond it (416 to a Range request)")
+            if unproven is not None:
                 if self._unconfirmed.get(row.key) != (body.size, body.sha256):
                     self._unconfirmed[row.key] = (body.size, body.sha256)
                     log.info("download.unconfirmed", recording=row.ref, size=body.size, reason=unproven,
                              action="fetching it again to compare")
                     await self._discard(row, dir_fd, part)
                     raise _Unconfirmed(unproven)
+                declared = wav_declared_size(body.head)
+                if declared is not None and declared > body.size:
+                    # A header never updated, or a cut at the same byte every time (a proxy's limit):
+                    # with no Range to ask, nothing tells which. Archived as served, and said loudly.
+                    log.warning("download.shorter_than_its_header", recording=row.ref, size=body.size,
+                                declared=declared, action="archived as the PBX serves it (twice the same)")
                 log.info("download.confirmed", recording=row.ref, size=body.size,
                          reason="two transfers gave the same bytes")
             self._unconfirmed.pop(row.key, None)
@@ -504,7 +527,28 @@ class Downloader:
                 stream.start + stream.length if stream.length is not None else None)
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
-        return _Body(size, digest.hexdigest(), head, stream.content_type, length_known=expected is not None)
+        return _Body(size, digest.hexdigest(), head, stream.content_type,
+                     length_known=expected is not None or stream.chunked)
+
+    async def _probe_end(self, row: Row, url: DownloadUrl, size: int) -> bool | None:
+        """Ask for the bytes after ``size`` (``Range: bytes=<size>-``): True when there are none (416),
+        False when there are (206 from there: the transfer was cut), None when the PBX cannot say
+        (Range ignored, the URL refused a second use, any error): then two transfers must agree."""
+        if self._range_ignored:
+            return None
+        try:
+            async with self.gate.slot(), self.client.open_file(url.url, offset=size, recording=row.ref,
+                                                               meter=lambda n: None) as stream:
+                if stream.status == 416:
+                    return stream.total is None or stream.total == size
+                if stream.status == 206 and stream.start == size:
+                    return False
+                if stream.status == 200:
+                    self._range_ignored = True    # it would send the whole file each time: ask no more
+                return None
+        except ArchiverError as exc:
+            log.info("download.end_probe_failed", recording=row.ref, reason=str(exc))
+            return None
 
     def _learn_from_headers(self, content_type: str | None, url: DownloadUrl) -> None:
         self.gate.learn(gate_hint(content_type, url.format_hint))

@@ -637,17 +637,19 @@ class LedgerDb:
     def retire_pbx(self, old_sn: str, *, now: float, kv_reset: Iterable[str] = ()) -> int:
         """The PBX was replaced (``--new-pbx``): recording ids start again on the new one, so the old
         one's id rows must not answer for them (a new recording 1000 is not the old 1000, done years
-        ago). Their keys move aside (``pbx:<old sn>:id:1000``), their ids go; their files, sizes and
-        sha256 stay as the record of what was archived. What was still to fetch from the old PBX
-        cannot be any more: missing. ``kv_reset``: discovery's positions, which counted old ids.
-        Returns how many rows moved."""
+        ago). Their keys and file names move aside (``pbx:<old sn>:id:1000``, ``pbx:<old sn>:<name>``),
+        their ids go; their final paths, sizes and sha256 stay as the record of what was archived.
+        What was still to fetch from the old PBX cannot be any more: missing. ``kv_reset``: discovery's
+        positions, which counted old ids. Returns how many rows moved."""
         prefix = f"pbx:{old_sn}:"
         with self.write() as c:
             moved = [r["key"] for r in c.execute("SELECT key FROM recordings WHERE rec_id IS NOT NULL")]
             for key in moved:
                 c.execute("UPDATE copies SET key = ? WHERE key = ?", (prefix + key, key))
-                c.execute("UPDATE recordings SET key = ?, rec_id = NULL, updated_at = ? WHERE key = ?",
-                          (prefix + key, now, key))
+                # The file name too: a new PBX's recording of the same name (a replacement restored from
+                # the old one's backup numbers alike) must not be taken for this one and merged into it.
+                c.execute("UPDATE recordings SET key = ?, rec_id = NULL, file = CASE WHEN file IS NULL THEN NULL "
+                          "ELSE ? || file END, updated_at = ? WHERE key = ?", (prefix + key, prefix, now, key))
             c.execute("UPDATE recordings SET state = 'missing', lease_until = NULL, last_error = ?, updated_at = ? "
                       "WHERE substr(key, 1, ?) = ? AND state IN ('pending', 'in_progress', 'failed')",
                       (f"left on the replaced PBX {old_sn}", now, len(prefix), prefix))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,16 @@ from daemon.config import LIVE_KEYS, MAX_WORKERS, Config, changed_keys, load_con
 from daemon.copier import Copier, CopyStats
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
-from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
+from daemon.errors import (
+    ArchiverError,
+    ConfigError,
+    FatalAuthError,
+    LedgerError,
+    PauseError,
+    RetryableError,
+    StorageError,
+    TlsError,
+)
 from daemon.identity import PbxIdentity
 from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
 from daemon.live import Pipeline
@@ -26,7 +36,7 @@ from daemon.logs import set_level
 from daemon.notify import Notifier
 from daemon.reconcile import ReconcileReport, check_identity, reconcile
 from daemon.resolver import RequestGate, Resolver
-from daemon.scheduler import RunStats, Scheduler
+from daemon.scheduler import RunStats, Scheduler, pause_delay
 from daemon.service import Health, HealthServer, Metrics, SdNotify, feed_watchdog
 from daemon.sources import QueueTail, follow_queue
 from daemon.supervise import Loops, restart_delay, supervise
@@ -141,9 +151,9 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                             on_resolve=metrics.resolve_seconds.observe)
         identity = PbxIdentity(client, ledger, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=new_pbx)
         if new_pbx:
-            # The old PBX's ids are retired first, so that the configured ids are the new PBX's.
-            with contextlib.suppress(ArchiverError):   # PBX trouble now: met again before the first download
-                await identity.ensure()
+            # The old PBX's ids are retired before anything is queued, so that the configured ids (and
+            # whatever discovery finds) are the new PBX's: wait for it to answer system/information.
+            await _identify_new_pbx(identity, cfg, clock, stop, once=once)
         if cfg.sources.ids:
             refs = [Ref(rec_id=i) for i in cfg.sources.ids]
             added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))
@@ -240,6 +250,28 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                      copy_error=copier.fatal if copier is not None else None,
                      copy_gave_up=copier.gave_up if copier is not None else False,
                      copy_stats=copier.stats if copier is not None else None, copies_failed=copies_failed)
+
+
+async def _identify_new_pbx(identity: PbxIdentity, cfg: Config, clock: Clock, stop: asyncio.Event, *,
+                            once: bool) -> None:
+    """``--new-pbx``: learn the new PBX's serial (retiring the old one's ids) before anything else, with
+    the pipeline's back-off while it does not answer; ``once`` gives up after ``downloads.once_give_up_s``."""
+    started, streak = clock.monotonic(), 0
+    while not stop.is_set():
+        try:
+            await identity.ensure()
+            return
+        except FatalAuthError:
+            raise
+        except ArchiverError as exc:
+            if once and clock.monotonic() - started > cfg.downloads.once_give_up_s:
+                raise
+            streak += 1
+            retry = exc.retry_after_s if isinstance(exc, PauseError | RetryableError) else None
+            delay = pause_delay(streak, retry, cfg.downloads.pause_max_s, random.random())
+            log.warning("pbx.identify_waiting", error=str(exc), retry_in_s=round(delay, 2),
+                        action="--new-pbx: nothing is queued before the new PBX tells its serial")
+            await sleep_or_stop(clock, delay, stop)
 
 
 async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, stop: asyncio.Event,

@@ -357,7 +357,9 @@ class Scheduler:
         except ArchiverError as exc:
             log.info("download.missing_unconfirmed", recording=row.ref, reason=str(exc), action="trying later")
             return True
-        return any(item.get("id") == row.rec_id for item in page.items)
+        if any(item.get("id") != row.rec_id for item in page.items):
+            return True      # the PBX ignored ids= (it answered others): no verdict from it
+        return bool(page.items)
 
     async def _finish_permanent(self, row: Row, exc: PermanentError) -> None:
         now, state, error = self.clock.wall(), exc.state, str(exc)

@@ -55,11 +55,15 @@ class SimOptions:
     api_version_error: int = 0         # every API call answers this errcode (10002 or 10003); 0: off
     block_expire_s: float = 0.0        # 70004 carries block_expire_time this far ahead, and the block lifts then
     content_type: str = ""             # the files' Content-Type whatever they hold (a PBX that labels mp3 audio/wav)
-    total_number: str = "right"        # recording/list's total_number: right | absent | plus1 (off by one)
+    total_number: str = "right"        # recording/list's total_number: right | absent | plus1 (off by one) |
+                                       # page (the count of this page's items, as some firmware gives)
     page_ignored: bool = False         # recording/list answers page 1 whatever page is asked (never empty)
     body_length: str = "content-length"  # how a file's end is told: content-length | chunked | close (the
                                        # connection closes after the body: a cut looks like the end)
     wav_riff_size: str = "right"       # the RIFF header's size field: right | zero (streaming writers) | more
+    content_seed: int = 0              # bytes from this seed instead of `seed` (names still from `seed`): 0 = seed
+    search_ignores_ids: bool = False   # recording/search ignores ids= (an older firmware): pages of everything
+    truncate_at: int = 0               # every file transfer ends (connection closed) after this many bytes
     sn: str = "SIM0000000001"
     firmware: str = "37.12.0.22"
 

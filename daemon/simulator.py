@@ -277,7 +277,7 @@ class Simulator:
         await self.stop()
 
     def content(self, rec: Recording) -> bytes:
-        data = recording_bytes(self.opts.seed, self.opts.format, rec)
+        data = recording_bytes(self.opts.content_seed or self.opts.seed, self.opts.format, rec)
         return _riff_size(data, self.opts.wav_riff_size) if self.opts.format == "wav" else data
 
     def snapshot(self) -> dict[str, Any]:
@@ -464,7 +464,8 @@ class Simulator:
             chunk = recs[(page - 1) * size: page * size]
         answer: dict[str, Any] = {"errcode": 0, "errmsg": "SUCCESS", "data": [r.listing() for r in chunk]}
         if self.opts.total_number != "absent":
-            answer["total_number"] = len(recs) + (1 if self.opts.total_number == "plus1" else 0)
+            answer["total_number"] = len(chunk) if self.opts.total_number == "page" else \
+                len(recs) + (1 if self.opts.total_number == "plus1" else 0)
         return web.json_response(answer)
 
     def _ready(self, rec: Recording) -> bool:
@@ -540,7 +541,7 @@ class Simulator:
         q = request.query
         recs = self._listed()
         try:
-            if "ids" in q:
+            if "ids" in q and not self.opts.search_ignores_ids:
                 wanted = {int(x) for x in q["ids"].split(",") if x.strip()}
                 recs = [r for r in recs if r.id in wanted]
             if "start_time" in q or "end_time" in q:
@@ -640,11 +641,11 @@ class Simulator:
     def served_content(self, rec: Recording) -> bytes:
         """The bytes a download of ``rec`` gives (mp3 when the PBX transcodes)."""
         if self.opts.mp3_transcode:
-            return recording_bytes(self.opts.seed, "mp3", transcoded(rec))
+            return recording_bytes(self.opts.content_seed or self.opts.seed, "mp3", transcoded(rec))
         return self.content(rec)
 
     def _block(self, fmt: str, rec: Recording, k: int) -> bytes:
-        block = recording_block(self.opts.seed, fmt, rec, k)
+        block = recording_block(self.opts.content_seed or self.opts.seed, fmt, rec, k)
         return _riff_size(block, self.opts.wav_riff_size) if k == 0 and fmt == "wav" else block
 
     async def _serve_file(self, request: web.Request, rec: Recording) -> web.StreamResponse:
@@ -698,6 +699,8 @@ class Simulator:
         # A cut lands anywhere when nothing tells the client the length (as a real network's would).
         cut_at = None if not cut else start + (end - start) // 2 if o.body_length == "content-length" else \
             start + self.rng.randrange(1, max(2, end - start))
+        if o.truncate_at and o.truncate_at < end and (cut_at is None or cut_at > o.truncate_at):
+            cut_at = max(start, o.truncate_at)   # a deterministic cut: every transfer ends here
         pos = start
         began = asyncio.get_running_loop().time()
         while pos < end:
