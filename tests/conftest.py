@@ -124,7 +124,13 @@ def simulator_subprocess(*args: str) -> Iterator[str]:
         yield match.group(1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            # Never leave it running with open pipes: their warnings would land in a later test.
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("the simulator did not stop within 30 s of SIGTERM") from None
         assert proc.returncode == 0
 
 
