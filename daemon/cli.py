@@ -305,10 +305,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from daemon.archive import ArchiveDir
     from daemon.clock import SystemClock
-    from daemon.ledger import Ledger, RunLock
+    from daemon.ledger import Ledger, RunLock, check_state_access
     from daemon.verify import Verifier
     cfg = _load(args)
     refs = _parse_refs(args.refs) if args.refs else None
+    check_state_access(cfg.state.path, write=True)
 
     async def main() -> Any:
         archive = ArchiveDir(cfg.archive.dir)
@@ -537,14 +538,17 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
 
 # ---------------------------------------------------------------- status / enqueue / retry
 @contextlib.contextmanager
-def _ledger(cfg: Config) -> Iterator[LedgerDb]:
-    """The ledger for one command, its SQLite and file errors (locked, read-only, disk full) turned
-    into a LedgerError that names ``state.path``: a clear line, exit 1, never a traceback."""
+def _ledger(cfg: Config, *, read_only: bool = False) -> Iterator[LedgerDb]:
+    """The ledger for one command. A ledger this user may not use (its folder or file not writable —
+    or, ``read_only``, not readable — by this user) is a ConfigError naming ``state.path`` (exit 2);
+    its SQLite and file errors (locked, a read-only file system, disk full) become a LedgerError that
+    names it too (exit 1). A clear line, never a traceback."""
     import sqlite3
 
-    from daemon.ledger import LedgerDb, ledger_error
+    from daemon.ledger import LedgerDb, check_state_access, ledger_error
+    check_state_access(cfg.state.path, write=not read_only)
     try:
-        db = LedgerDb(cfg.state.path)
+        db = LedgerDb(cfg.state.path, read_only=read_only)
     except (sqlite3.Error, OSError) as exc:
         raise ledger_error(exc, cfg.state.path) from exc
     try:
@@ -556,15 +560,17 @@ def _ledger(cfg: Config) -> Iterator[LedgerDb]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES
+    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES, check_state_access
     from daemon.logs import redact_text
     cfg = _load(args)
+    check_state_access(cfg.state.path, write=False)
     if not cfg.state.path.exists():
         counts: dict[str, int] = dict.fromkeys(STATES, 0)
         data: dict[str, Any] = {"counts": counts, "bytes_archived": 0, "recent_failures": [],
                                 "ledger": str(cfg.state.path), "ledger_exists": False}
     else:
-        with _ledger(cfg) as db:
+        # Read-only: status works beside a running `run`, and on a state folder it may not write.
+        with _ledger(cfg, read_only=True) as db:
             data = {
                 "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
                 "pbx": {"sn": db.kv_get(KV_PBX_SN), "firmware": db.kv_get(KV_PBX_FIRMWARE)},

@@ -20,7 +20,7 @@ from daemon.discovery import Discovery
 from daemon.downloader import Downloader
 from daemon.errors import ArchiverError, ConfigError, FatalAuthError, LedgerError, StorageError, TlsError
 from daemon.identity import PbxIdentity
-from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
+from daemon.ledger import Ledger, LedgerDb, Ref, RunLock, check_state_access
 from daemon.live import Pipeline
 from daemon.logs import set_level
 from daemon.notify import Notifier
@@ -75,7 +75,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
     closed in reverse order whatever happens; the whole stop takes at most ``shutdown_grace_s`` (less
     when ``hurry`` is set) plus ``STOP_TAIL_S``. Raises WrongArchiveError when ``archive.dir`` is missing
     or not the ledger's archive, StorageError when the ledger cannot be opened (or another runner
-    holds it), ConfigError when ``service.listen`` is taken.
+    holds it), ConfigError when ``service.listen`` is taken or this user may not write ``state.path``.
     """
     clock = clock or SystemClock()
     notify = notify or SdNotify()
@@ -88,6 +88,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         stack.push_async_callback(background.close)
         archive = ArchiveDir(cfg.archive.dir)
         await asyncio.to_thread(archive.check_root)
+        # A state folder this user may not write is a set-up mistake (exit 2), not a disk fault to wait out.
+        await asyncio.to_thread(check_state_access, cfg.state.path, write=True)
         # The lock before the port: a second run is told "another run is using the ledger", the
         # true reason, not "address already in use".
         lock = RunLock(cfg.state.path)

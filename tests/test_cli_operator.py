@@ -1,0 +1,119 @@
+"""Clear answers for an operator: real processes, real files, a real unprivileged uid, real pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.ledger import LedgerDb, Ref
+from tests.conftest import REPO, cli_env, write_config
+
+NOBODY = 65534
+
+
+def _as_nobody(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m daemon ARGS`` as uid/gid 65534 with no supplementary groups: permissions apply, as
+    they do to a service user (root passes every permission check and would hide the problem)."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           sys.executable, "-m", "daemon", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=cli_env(), check=False)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A folder uid 65534 can reach (pytest's tmp_path lies below a 0700 folder of root's)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as an unprivileged uid")
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            sys.executable, "-c", "import daemon.cli, daemon.ledger"],
+                           capture_output=True, cwd=REPO, env=cli_env(), check=False, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run this interpreter or checkout: {probe.stderr[-200:]!r}")
+    path = Path(tempfile.mkdtemp(prefix="yeastar-archiver-nobody-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for p in [path, *path.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        shutil.rmtree(path)
+
+
+def _chown_tree(root: Path, uid: int = NOBODY) -> None:
+    for p in [root, *root.rglob("*")]:
+        os.chown(p, uid, uid, follow_symlinks=False)
+
+
+def _nobody_config(root: Path, *, with_ledger: bool) -> tuple[Path, Path]:
+    """A config owned by uid 65534 whose state folder (``root/state``) that user cannot write; with a
+    ledger holding two recordings when ``with_ledger``. Returns (config, state folder)."""
+    cfg = write_config(root, "http://127.0.0.1:9", extra={"state": {"path": "state/ledger.db"}})
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    if with_ledger:
+        db = LedgerDb(state / "ledger.db")
+        db.enqueue([Ref(rec_id=1000), Ref(rec_id=1001)], source="test", now=1.0)
+        db.close()
+    _chown_tree(root)
+    state.chmod(0o500)
+    return cfg, state
+
+
+# ---------------------------------------------------------------- a state folder this user cannot write
+def test_a_state_folder_the_user_cannot_write_is_exit_2_naming_state_path_for_every_writer(
+        nobody_dir: Path) -> None:
+    """once, run, enqueue, retry and verify on a state folder the service user cannot write: one line
+    naming ``state.path`` and the folder, exit 2 (a set-up mistake), no traceback, nothing created.
+    Before: ``OSError ... ledger.db.lock`` / ``sqlite3.OperationalError: unable to open database file``."""
+    cfg, state = _nobody_config(nobody_dir, with_ledger=True)
+    before = sorted(p.name for p in state.iterdir())
+    for args in (("once",), ("run",), ("enqueue", "1002"), ("retry",), ("verify",)):
+        result = _as_nobody(*args, "-c", str(cfg))
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+        assert "state.path" in result.stderr and str(state) in result.stderr, (args, result.stderr)
+        assert "uid 65534" in result.stderr, result.stderr
+    assert sorted(p.name for p in state.iterdir()) == before
+
+
+def test_status_reads_a_ledger_in_a_state_folder_it_cannot_write(nobody_dir: Path) -> None:
+    """status opens the ledger read-only (``immutable`` where ``mode=ro`` would need to create the
+    ``-shm`` file): it shows the counts and leaves no file behind."""
+    cfg, state = _nobody_config(nobody_dir, with_ledger=True)
+    before = sorted(p.name for p in state.iterdir())
+    result = _as_nobody("status", "--json", "-c", str(cfg))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["counts"]["pending"] == 2 and data["ledger_exists"] is True
+    assert _as_nobody("status", "-c", str(cfg)).returncode == 0
+    assert sorted(p.name for p in state.iterdir()) == before
+
+
+def test_status_on_an_empty_read_only_state_folder_and_once_on_it(nobody_dir: Path) -> None:
+    """No ledger yet: status says so (exit 0); once cannot make one there (exit 2), and says why."""
+    cfg, state = _nobody_config(nobody_dir, with_ledger=False)
+    status = _as_nobody("status", "--json", "-c", str(cfg))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["ledger_exists"] is False
+    once = _as_nobody("once", "-c", str(cfg))
+    assert once.returncode == 2 and "state.path" in once.stderr and "Traceback" not in once.stderr
+    assert list(state.iterdir()) == []
+
+
+def test_status_on_a_ledger_this_user_cannot_read_is_exit_2(nobody_dir: Path) -> None:
+    """A ledger owned by another user (0600): status names ``state.path`` and the file, no traceback."""
+    cfg, state = _nobody_config(nobody_dir, with_ledger=True)
+    state.chmod(0o755)
+    os.chown(state / "ledger.db", 0, 0)
+    result = _as_nobody("status", "-c", str(cfg))
+    assert result.returncode == 2, result.stderr
+    assert "state.path" in result.stderr and "cannot read" in result.stderr and "Traceback" not in result.stderr
