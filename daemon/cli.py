@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from daemon.config import Config, config_path, load_config
 from daemon.errors import (
     EXIT_AUTH,
+    EXIT_BROKEN_PIPE,
     EXIT_CONFIG,
     EXIT_FAILED_ITEMS,
     EXIT_INTERRUPTED,
@@ -46,6 +47,16 @@ if TYPE_CHECKING:
     from daemon.ledger import LedgerDb, Ref
     from daemon.live import Pipeline
     from daemon.runner import ProgressHook, RunResult
+
+
+def _err(*text: object) -> None:
+    """A line for the operator on stderr; dropped, never an error, once nobody reads stderr (a closed
+    pipe): the command's work and its exit code stand."""
+    try:
+        print(*text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        from daemon.logs import drop_output  # only then: `health` must not pay for structlog
+        drop_output(sys.stderr)
 
 
 def _log() -> FilteringBoundLogger:
@@ -251,16 +262,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_failed(exc)
     except PbxConfigError as exc:
-        print(f"check: the PBX says the configuration is wrong: {exc}", file=sys.stderr)
+        _err(f"check: the PBX says the configuration is wrong: {exc}")
         return exc.exit_code
     except FatalAuthError as exc:
-        print(f"check: PBX refused us: {exc}", file=sys.stderr)
+        _err(f"check: PBX refused us: {exc}")
         return EXIT_AUTH
     except TlsError as exc:
-        print(f"check: the PBX's certificate is not trusted: {exc}", file=sys.stderr)
+        _err(f"check: the PBX's certificate is not trusted: {exc}")
         return EXIT_UNREACHABLE
     except ArchiverError as exc:
-        print(f"check: PBX not usable: {exc}", file=sys.stderr)
+        _err(f"check: PBX not usable: {exc}")
         return EXIT_UNREACHABLE
     print(f"check: OK: {report}")
     if cfg.archive.s3 is not None:
@@ -287,13 +298,13 @@ def _check_s3(cfg: Config) -> int:
     try:
         text = asyncio.run(probe())
     except DestinationConfigError as exc:
-        print(f"check: the S3 bucket is not as configured: {exc}", file=sys.stderr)
+        _err(f"check: the S3 bucket is not as configured: {exc}")
         return exc.exit_code
     except DestinationRefusedError as exc:
-        print(f"check: S3 refused us: {exc}", file=sys.stderr)
+        _err(f"check: S3 refused us: {exc}")
         return exc.exit_code
     except ArchiverError as exc:
-        print(f"check: S3 not usable: {exc}", file=sys.stderr)
+        _err(f"check: S3 not usable: {exc}")
         return EXIT_UNREACHABLE
     print(f"check: OK: {text}")
     return EXIT_OK
@@ -348,7 +359,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _config_failed(exc: ConfigError) -> int:
     for problem in exc.problems:
-        print(f"config error: {problem}", file=sys.stderr)
+        _err(f"config error: {problem}")
     return EXIT_CONFIG
 
 
@@ -390,13 +401,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     if url is None:
         cfg = load_config(config_path(args.config))
         if cfg.service.listen is None:
-            print("health: service.listen is null: nothing to ask", file=sys.stderr)
+            _err("health: service.listen is null: nothing to ask")
             return EXIT_FAILED_ITEMS
         url = livez_url(cfg.service.listen)
     try:
         ok = http_status(url, HEALTH_TIMEOUT_S) == 200
     except (OSError, ValueError) as exc:
-        print(f"health: {url}: {exc}", file=sys.stderr)
+        _err(f"health: {url}: {exc}")
         return EXIT_FAILED_ITEMS
     print(f"health: {url}: {'ok' if ok else 'not ok'}")
     return EXIT_OK if ok else EXIT_FAILED_ITEMS
@@ -460,31 +471,30 @@ def once_exit_code(result: RunResult) -> int:
     """3 the PBX refused us, 4 its certificate is not trusted, 1 any recording ended failed, 5 stopped with
     work left (a signal, or ``downloads.once_give_up_s`` paused), else 0. Says why on stderr."""
     if result.fatal is not None:
-        print(f"once: PBX refused us: {result.fatal}", file=sys.stderr)
+        _err(f"once: PBX refused us: {result.fatal}")
         return result.fatal.exit_code
     if result.untrusted is not None:
-        print(f"once: the PBX's certificate is not trusted: {result.untrusted}", file=sys.stderr)
+        _err(f"once: the PBX's certificate is not trusted: {result.untrusted}")
         return EXIT_UNREACHABLE
     if result.copy_error is not None:
-        print(f"once: the off-box copy is refused: {result.copy_error}; {result.left} recording(s) are archived "
-              "locally but not copied", file=sys.stderr)
+        _err(f"once: the off-box copy is refused: {result.copy_error}; {result.left} recording(s) are archived "
+              "locally but not copied")
         return result.copy_error.exit_code
     if result.copy_gave_up:
-        print(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
-              "locally but not copied: run once again", file=sys.stderr)
+        _err(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
+              "locally but not copied: run once again")
         return EXIT_UNREACHABLE
     if result.counts.get("failed", 0):
         if result.left:
-            print(f"once: {result.left} recording(s) left pending; run once again to continue", file=sys.stderr)
+            _err(f"once: {result.left} recording(s) left pending; run once again to continue")
         return EXIT_FAILED_ITEMS
     if result.left and (result.interrupted or result.gave_up):
         why = "stopped by a signal" if result.interrupted else "gave up after downloads.once_give_up_s paused"
-        print(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue",
-              file=sys.stderr)
+        _err(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue")
         return EXIT_INTERRUPTED
     if result.discovery_incomplete:
         why = "stopped by a signal" if result.interrupted else "could not list every recording the PBX holds"
-        print(f"once: discovery {why}; what it found is archived; run once again to continue", file=sys.stderr)
+        _err(f"once: discovery {why}; what it found is archived; run once again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
 
@@ -493,10 +503,10 @@ def _guard_pipeline(body: Callable[[], int]) -> int:
     try:
         return body()
     except WrongArchiveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return exc.exit_code
     except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return EXIT_FAILED_ITEMS
 
 
@@ -763,10 +773,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()   # here, not at exit: a reader gone (`status | head -2`) is seen and handled
+    except BrokenPipeError:
+        # Like a Unix tool that SIGPIPE ends: stop, quietly. (Logs and stderr lines never get here:
+        # they are dropped where they are written, so that `once` and `run` keep archiving.)
+        from daemon.logs import drop_output
+        drop_output(sys.stdout)
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         return _config_failed(exc)
     except (WrongArchiveError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.ledger import LedgerDb, Ref
-from tests.conftest import REPO, cli_env, write_config
+from tests.conftest import REPO, cli_env, run_cli, simulator_subprocess, write_config
 
 NOBODY = 65534
 
@@ -117,3 +117,82 @@ def test_status_on_a_ledger_this_user_cannot_read_is_exit_2(nobody_dir: Path) ->
     result = _as_nobody("status", "-c", str(cfg))
     assert result.returncode == 2, result.stderr
     assert "state.path" in result.stderr and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- a reader that goes away
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone: every write to it is EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+def test_status_into_a_closed_pipe_stops_quietly_like_a_unix_tool(tmp_path: Path) -> None:
+    """``status | head -2``: no BrokenPipeError traceback; 141, what a shell reports for a tool that
+    SIGPIPE ended. Before: a traceback on stderr and exit 1 (or 120 from the interpreter's flush)."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")
+    db = LedgerDb(tmp_path / "archive" / ".yeastar-archiver" / "ledger.db")
+    db.enqueue([Ref(rec_id=i) for i in range(1000, 1050)], source="test", now=1.0)
+    db.close()
+    for args in (("status",), ("status", "--json"), ("enqueue", "1050")):
+        stdout = _closed_pipe()
+        try:
+            result = subprocess.run([sys.executable, "-m", "daemon", *args, "-c", str(cfg)], stdout=stdout,
+                                    stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env(), timeout=60,
+                                    check=False)
+        finally:
+            os.close(stdout)
+        assert result.returncode == 141, (args, result.stderr)
+        assert result.stderr == "", (args, result.stderr)
+    assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]["pending"] == 51
+
+
+def test_once_whose_log_reader_goes_away_keeps_archiving_and_exits_0(tmp_path: Path) -> None:
+    """``once 2>&1 | head -1``: the reader takes one line and leaves; once drops its log from then on
+    and archives everything. Before: BrokenPipeError tracebacks, and the archiving stopped."""
+    count = 12
+    with simulator_subprocess("--count", str(count), "--bytes-per-second", "400000") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": list(range(1000, 1000 + count))},
+                                                      "downloads": {"workers": 2}})
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd=REPO, env=cli_env())
+        assert proc.stdout is not None
+        assert proc.stdout.readline()   # `head -1`
+        proc.stdout.close()
+        at_close = _done(cfg)
+        assert proc.wait(timeout=90) == 0
+    assert at_close < count                      # the pipe closed with work left: logging went on into it
+    assert _done(cfg) == count
+
+
+def test_once_with_a_closed_stdout_and_stderr_from_the_start_archives_and_keeps_its_exit_code(
+        tmp_path: Path) -> None:
+    """Every log line, the summary and the final stderr line go to a pipe nobody reads: none of them
+    changes what once does or its exit code (1: a recording failed)."""
+    with simulator_subprocess("--count", "3", "--fail-ids", "1002") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000, 1001, 1002]},
+                                                      "downloads": {"max_attempts": 2}})
+        out = _closed_pipe()
+        try:
+            code = subprocess.run([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], stdout=out, stderr=out,
+                                  cwd=REPO, env=cli_env(), timeout=90, check=False).returncode
+        finally:
+            os.close(out)
+    assert code == 1
+    counts = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]
+    assert counts["done"] == 2 and counts["failed"] == 1
+
+
+def _done(cfg: Path) -> int:
+    """Done rows, read-only, straight from the default ledger of a ``write_config`` config."""
+    import sqlite3
+    path = cfg.parent / "archive" / ".yeastar-archiver" / "ledger.db"
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM recordings WHERE state = 'done'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
