@@ -718,7 +718,9 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
-            raise StorageError(f"another run/once is already using the ledger {str(self.path.parent)!r}") from exc
+            ledger = self.path.with_name(self.path.name.removesuffix(".lock"))
+            raise StorageError(f"another run/once is already using the ledger {str(ledger)!r} (state.path): "
+                               "stop it first, or give this one a state.path of its own") from exc
         self._fd = fd
 
     def release(self) -> None:

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +198,46 @@ def _done(cfg: Path) -> int:
         return 0
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------- a second run on the same config
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_second_run_on_the_same_config_is_told_about_the_ledger_not_the_port(tmp_path: Path) -> None:
+    """Two real ``run`` processes, one config: the second takes the ledger lock before it listens, so
+    it says "another run/once is already using the ledger" (naming state.path) rather than
+    "service.listen: address already in use" (exit 2); the first keeps running and serving."""
+    port = _free_port()
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000, 1001]},
+                                                      "service": {"listen": f"127.0.0.1:{port}"}})
+        first = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
+        try:
+            deadline = time.monotonic() + 30
+            while True:   # the first run holds the lock and the port once /livez answers
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert first.poll() is None and time.monotonic() < deadline, "the first run did not come up"
+                time.sleep(0.05)
+            second = run_cli("run", "-c", str(cfg), timeout=30)
+            assert second.returncode == 1, second.stderr
+            assert "another run/once is already using the ledger" in second.stderr and "state.path" in second.stderr
+            assert "address already in use" not in second.stderr and "service.listen" not in second.stderr
+            assert "Traceback" not in second.stderr
+            assert first.poll() is None
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            first.terminate()
+            _, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
