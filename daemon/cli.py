@@ -255,9 +255,33 @@ async def check_pbx(cfg: Config) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import asyncio
+    """The config, then what run needs on this machine (a source, archive.dir, state.path, the queue
+    file, free space), then the PBX and the bucket; one line each, every check run. The exit code is
+    the PBX's or the bucket's when they fail (3 and 4 are the answers scripts and systemd act on),
+    else 2 when a local check failed, else 0."""
+    from daemon.preflight import preflight
     try:
         cfg = _load(args)
+    except ConfigError as exc:
+        return _config_failed(exc)
+    local = EXIT_OK
+    for finding in preflight(cfg):
+        if finding.note:
+            print(f"check: note: {finding.text}")
+        elif finding.ok:
+            print(f"check: OK: {finding.text}")
+        else:
+            _err(f"check: FAILED: {finding.text}")
+            local = EXIT_CONFIG
+    remote = _check_pbx_line(cfg)
+    if cfg.archive.s3 is not None and remote == EXIT_OK:
+        remote = _check_s3(cfg)
+    return remote or local
+
+
+def _check_pbx_line(cfg: Config) -> int:
+    import asyncio
+    try:
         report = asyncio.run(check_pbx(cfg))
     except ConfigError as exc:
         return _config_failed(exc)
@@ -274,8 +298,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         _err(f"check: PBX not usable: {exc}")
         return EXIT_UNREACHABLE
     print(f"check: OK: {report}")
-    if cfg.archive.s3 is not None:
-        return _check_s3(cfg)
     return EXIT_OK
 
 
@@ -457,14 +479,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
+    from daemon.preflight import NO_SOURCE
     from daemon.runner import run_pipeline
     cfg = _load(args)
 
     async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
         result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry,
                                     new_pbx=args.new_pbx)
+        if found_nothing_without_a_source(cfg, result):
+            raise ConfigError([NO_SOURCE])
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def found_nothing_without_a_source(cfg: Config, result: RunResult) -> bool:
+    """``once`` had nothing to work on, and the config names no source: "total 0" and exit 0 would
+    hide a config copied with only the essentials (exit 2 instead). What `enqueue` queued still counts:
+    a once that archived, failed or missed anything, or left work, found something. Pure."""
+    from daemon.preflight import configured_sources
+    s = result.stats
+    worked = s.archived or s.failed or s.missing or result.left
+    stopped = result.fatal or result.untrusted or result.interrupted or result.copy_error
+    return not configured_sources(cfg.sources) and not worked and not stopped
 
 
 def once_exit_code(result: RunResult) -> int:

@@ -24,6 +24,7 @@ from daemon.ledger import Ledger, LedgerDb, Ref, RunLock, check_state_access
 from daemon.live import Pipeline
 from daemon.logs import set_level
 from daemon.notify import Notifier
+from daemon.preflight import NO_SOURCE, configured_sources
 from daemon.reconcile import ReconcileReport, check_identity, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler
@@ -117,6 +118,9 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                              elapsed_s=clock.monotonic() - started, interrupted=True)
         ledger, report = opened
         stack.push_async_callback(ledger.close)
+        if not configured_sources(cfg.sources):
+            # Only what `enqueue` puts in the ledger will be archived (`once` exits 2 when that is nothing).
+            log.warning("sources.none_configured", message=NO_SOURCE)
         if cfg.sources.ids:
             refs = [Ref(rec_id=i) for i in cfg.sources.ids]
             added = await ledger.call(lambda db: db.enqueue_many(refs, source="config", now=clock.wall()))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.ledger import LedgerDb, Ref
+from daemon.preflight import configured_sources, free_space_problem
 from tests.conftest import REPO, cli_env, run_cli, simulator_subprocess, write_config
 
 NOBODY = 65534
@@ -241,3 +242,115 @@ def test_a_second_run_on_the_same_config_is_told_about_the_ledger_not_the_port(t
             first.terminate()
             _, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
+
+
+# ---------------------------------------------------------------- a config that names no source
+ESSENTIALS_ONLY = "no source is configured"
+
+
+def test_once_with_no_source_and_nothing_queued_is_exit_2_naming_the_keys(tmp_path: Path) -> None:
+    """The example's essentials only (no ids, no queue file, discovery off): once says so, exit 2,
+    instead of archiving nothing and exiting 0 with "total 0"."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")
+    result = run_cli("once", "-c", str(cfg))
+    assert result.returncode == 2, result.stderr
+    assert ESSENTIALS_ONLY in result.stderr and "Traceback" not in result.stderr
+    for key in ("sources.ids", "sources.queue_file", "sources.discover"):
+        assert key in result.stderr
+
+
+def test_once_with_no_source_archives_what_enqueue_queued(tmp_path: Path) -> None:
+    """``enqueue`` then ``once`` stays a way to work: the ledger is the source; a warning says that
+    the config names none."""
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = write_config(tmp_path, base_url)
+        assert run_cli("enqueue", "1001", "-c", str(cfg)).returncode == 0
+        result = run_cli("once", "-c", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "sources.none_configured" in result.stderr
+    assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]["done"] == 1
+
+
+def test_check_with_no_source_fails_the_sources_line_and_still_checks_the_pbx(tmp_path: Path) -> None:
+    with simulator_subprocess("--count", "2") as base_url:
+        result = run_cli("check", "-c", str(write_config(tmp_path, base_url)))
+    assert result.returncode == 2, result.stderr
+    assert f"check: FAILED: sources: {ESSENTIALS_ONLY}" in result.stderr
+    assert "sources.ids" in result.stderr and "sources.queue_file" in result.stderr
+    assert "check: OK: logged in to" in result.stdout   # the other checks still ran
+
+
+def test_configured_sources_names_each_source_the_config_has() -> None:
+    from daemon.config import DiscoverConfig, SourcesConfig
+    assert configured_sources(SourcesConfig()) == []
+    assert configured_sources(SourcesConfig(ids=(1, 2))) == ["2 id(s) in sources.ids"]
+    assert configured_sources(SourcesConfig(queue_file=Path("q"))) == ["sources.queue_file"]
+    assert configured_sources(SourcesConfig(discover=DiscoverConfig(enabled=True, events=True))) == \
+        ["discovery with events"]
+
+
+# ---------------------------------------------------------------- check checks what run needs
+@pytest.mark.parametrize(("free", "floor", "fails"), [
+    (10, 0, False), (10, 10, False), (9, 10, True), (0, 1, True), (300 << 20, 256 << 20, False),
+])
+def test_free_space_problem_table(free: int, floor: int, fails: bool) -> None:
+    problem = free_space_problem(free, floor)
+    assert (problem is not None) == fails
+    if problem:
+        assert "archive.min_free_bytes" in problem
+
+
+def _check_config(root: Path, base_url: str, **archive: object) -> Path:
+    """A config for check with every local item in place and owned by uid 65534."""
+    (root / "queue.txt").write_text("1000\n")
+    cfg = write_config(root, base_url, extra={"sources": {"queue_file": "queue.txt"},
+                                              "state": {"path": "state/ledger.db"}, "archive": dict(archive)})
+    (root / "state").mkdir()
+    _chown_tree(root)
+    return cfg
+
+
+def test_check_as_the_service_user_reports_each_thing_run_needs(nobody_dir: Path) -> None:
+    """Run as uid 65534: every local line OK (exit 0); then the archive folder, the state folder and
+    the queue file taken away from that user one at a time: each its own FAILED line, exit 2."""
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = _check_config(nobody_dir, base_url)
+        ok = _as_nobody("check", "-c", str(cfg))
+        assert ok.returncode == 0, ok.stderr
+        for wanted in ("check: OK: sources: sources.queue_file", "check: OK: archive.dir",
+                       "writable (uid 65534)", "free (archive.min_free_bytes", "check: OK: state.path",
+                       "check: OK: sources.queue_file", "check: OK: logged in to"):
+            assert wanted in ok.stdout, (wanted, ok.stdout)
+        assert "FAILED" not in ok.stderr and "checked as root" not in ok.stdout
+
+        as_root = run_cli("check", "-c", str(cfg))
+        assert as_root.returncode == 0 and "check: note: checked as root" in as_root.stdout
+
+        for path, key, mode in ((nobody_dir / "archive", "archive.dir", 0o555),
+                                (nobody_dir / "state", "state.path", 0o555),
+                                (nobody_dir / "queue.txt", "sources.queue_file", 0o000)):
+            before = path.stat().st_mode & 0o7777
+            path.chmod(mode)
+            try:
+                failed = _as_nobody("check", "-c", str(cfg))
+            finally:
+                path.chmod(before)
+            assert failed.returncode == 2, (key, failed.stderr)
+            lines = [ln for ln in failed.stderr.splitlines() if ln.startswith("check: FAILED: ")]
+            assert len(lines) == 1 and key in lines[0] and "uid 65534" in lines[0], (key, failed.stderr)
+            assert "check: OK: logged in to" in failed.stdout and "Traceback" not in failed.stderr
+
+
+def test_check_fails_on_a_missing_archive_a_missing_queue_file_and_too_little_free_space(tmp_path: Path) -> None:
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"queue_file": "absent.txt"},
+                                                      "archive": {"min_free_bytes": 1 << 60}})
+        low = run_cli("check", "-c", str(cfg))
+        shutil.rmtree(tmp_path / "archive")
+        gone = run_cli("check", "-c", str(cfg))
+    assert low.returncode == 2, low.stderr
+    assert "check: FAILED: archive.dir" in low.stderr and "below archive.min_free_bytes" in low.stderr
+    assert "check: FAILED: sources.queue_file" in low.stderr and "does not exist" in low.stderr
+    assert gone.returncode == 2
+    assert "archive.dir" in gone.stderr and "does not exist" in gone.stderr and "Traceback" not in gone.stderr
+    assert not (tmp_path / "archive").exists()   # check never creates it either
