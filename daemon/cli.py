@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from daemon.config import Config, config_path, load_config
 from daemon.errors import (
     EXIT_AUTH,
+    EXIT_BROKEN_PIPE,
     EXIT_CONFIG,
     EXIT_FAILED_ITEMS,
     EXIT_INTERRUPTED,
@@ -46,6 +47,16 @@ if TYPE_CHECKING:
     from daemon.ledger import LedgerDb, Ref
     from daemon.live import Pipeline
     from daemon.runner import ProgressHook, RunResult
+
+
+def _err(*text: object) -> None:
+    """A line for the operator on stderr; dropped, never an error, once nobody reads stderr (a closed
+    pipe): the command's work and its exit code stand."""
+    try:
+        print(*text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        from daemon.logs import drop_output  # only then: `health` must not pay for structlog
+        drop_output(sys.stderr)
 
 
 def _log() -> FilteringBoundLogger:
@@ -244,27 +255,49 @@ async def check_pbx(cfg: Config) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import asyncio
+    """The config, then what run needs on this machine (a source, archive.dir, state.path, the queue
+    file, free space), then the PBX and the bucket; one line each, every check run. The exit code is
+    the PBX's or the bucket's when they fail (3 and 4 are the answers scripts and systemd act on),
+    else 2 when a local check failed, else 0."""
+    from daemon.preflight import preflight
     try:
         cfg = _load(args)
+    except ConfigError as exc:
+        return _config_failed(exc)
+    local = EXIT_OK
+    for finding in preflight(cfg):
+        if finding.note:
+            print(f"check: note: {finding.text}")
+        elif finding.ok:
+            print(f"check: OK: {finding.text}")
+        else:
+            _err(f"check: FAILED: {finding.text}")
+            local = EXIT_CONFIG
+    remote = _check_pbx_line(cfg)
+    if cfg.archive.s3 is not None and remote == EXIT_OK:
+        remote = _check_s3(cfg)
+    return remote or local
+
+
+def _check_pbx_line(cfg: Config) -> int:
+    import asyncio
+    try:
         report = asyncio.run(check_pbx(cfg))
     except ConfigError as exc:
         return _config_failed(exc)
     except PbxConfigError as exc:
-        print(f"check: the PBX says the configuration is wrong: {exc}", file=sys.stderr)
+        _err(f"check: the PBX says the configuration is wrong: {exc}")
         return exc.exit_code
     except FatalAuthError as exc:
-        print(f"check: PBX refused us: {exc}", file=sys.stderr)
+        _err(f"check: PBX refused us: {exc}")
         return EXIT_AUTH
     except TlsError as exc:
-        print(f"check: the PBX's certificate is not trusted: {exc}", file=sys.stderr)
+        _err(f"check: the PBX's certificate is not trusted: {exc}")
         return EXIT_UNREACHABLE
     except ArchiverError as exc:
-        print(f"check: PBX not usable: {exc}", file=sys.stderr)
+        _err(f"check: PBX not usable: {exc}")
         return EXIT_UNREACHABLE
     print(f"check: OK: {report}")
-    if cfg.archive.s3 is not None:
-        return _check_s3(cfg)
     return EXIT_OK
 
 
@@ -287,13 +320,13 @@ def _check_s3(cfg: Config) -> int:
     try:
         text = asyncio.run(probe())
     except DestinationConfigError as exc:
-        print(f"check: the S3 bucket is not as configured: {exc}", file=sys.stderr)
+        _err(f"check: the S3 bucket is not as configured: {exc}")
         return exc.exit_code
     except DestinationRefusedError as exc:
-        print(f"check: S3 refused us: {exc}", file=sys.stderr)
+        _err(f"check: S3 refused us: {exc}")
         return exc.exit_code
     except ArchiverError as exc:
-        print(f"check: S3 not usable: {exc}", file=sys.stderr)
+        _err(f"check: S3 not usable: {exc}")
         return EXIT_UNREACHABLE
     print(f"check: OK: {text}")
     return EXIT_OK
@@ -305,10 +338,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from daemon.archive import ArchiveDir
     from daemon.clock import SystemClock
-    from daemon.ledger import Ledger, RunLock
+    from daemon.ledger import Ledger, RunLock, check_state_access
     from daemon.verify import Verifier
     cfg = _load(args)
     refs = _parse_refs(args.refs) if args.refs else None
+    check_state_access(cfg.state.path, write=True)
 
     async def main() -> Any:
         archive = ArchiveDir(cfg.archive.dir)
@@ -347,7 +381,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _config_failed(exc: ConfigError) -> int:
     for problem in exc.problems:
-        print(f"config error: {problem}", file=sys.stderr)
+        _err(f"config error: {problem}")
     return EXIT_CONFIG
 
 
@@ -389,13 +423,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     if url is None:
         cfg = load_config(config_path(args.config))
         if cfg.service.listen is None:
-            print("health: service.listen is null: nothing to ask", file=sys.stderr)
+            _err("health: service.listen is null: nothing to ask")
             return EXIT_FAILED_ITEMS
         url = livez_url(cfg.service.listen)
     try:
         ok = http_status(url, HEALTH_TIMEOUT_S) == 200
     except (OSError, ValueError) as exc:
-        print(f"health: {url}: {exc}", file=sys.stderr)
+        _err(f"health: {url}: {exc}")
         return EXIT_FAILED_ITEMS
     print(f"health: {url}: {'ok' if ok else 'not ok'}")
     return EXIT_OK if ok else EXIT_FAILED_ITEMS
@@ -445,32 +479,46 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
+    from daemon.preflight import NO_SOURCE
     from daemon.runner import run_pipeline
     cfg = _load(args)
 
     async def main(stop: asyncio.Event, hurry: asyncio.Event) -> int:
         result = await run_pipeline(cfg, stop, once=True, progress=progress_reporter(sys.stderr), hurry=hurry,
                                     new_pbx=args.new_pbx)
+        if found_nothing_without_a_source(cfg, result):
+            raise ConfigError([NO_SOURCE])
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def found_nothing_without_a_source(cfg: Config, result: RunResult) -> bool:
+    """``once`` had nothing to work on, and the config names no source: "total 0" and exit 0 would
+    hide a config copied with only the essentials (exit 2 instead). What `enqueue` queued still counts:
+    a once that archived, failed or missed anything, or left work, found something. Pure."""
+    from daemon.preflight import configured_sources
+    s = result.stats
+    worked = s.archived or s.failed or s.missing or result.left
+    stopped = result.fatal or result.untrusted or result.interrupted or result.copy_error
+    return not configured_sources(cfg.sources) and not worked and not stopped
 
 
 def once_exit_code(result: RunResult) -> int:
     """3 the PBX refused us, 4 its certificate is not trusted, 1 any recording ended failed, 5 stopped with
     work left (a signal, or ``downloads.once_give_up_s`` paused), else 0. Says why on stderr."""
     if result.fatal is not None:
-        print(f"once: PBX refused us: {result.fatal}", file=sys.stderr)
+        _err(f"once: PBX refused us: {result.fatal}")
         return result.fatal.exit_code
     if result.untrusted is not None:
-        print(f"once: the PBX's certificate is not trusted: {result.untrusted}", file=sys.stderr)
+        _err(f"once: the PBX's certificate is not trusted: {result.untrusted}")
         return EXIT_UNREACHABLE
     if result.copy_error is not None:
-        print(f"once: the off-box copy is refused: {result.copy_error}; {result.left} recording(s) are archived "
-              "locally but not copied", file=sys.stderr)
+        _err(f"once: the off-box copy is refused: {result.copy_error}; {result.left} recording(s) are archived "
+              "locally but not copied")
         return result.copy_error.exit_code
     if result.copy_gave_up:
-        print(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
-              "locally but not copied: run once again", file=sys.stderr)
+        _err(f"once: the off-box copy's endpoint stayed unreachable; {result.left} recording(s) are archived "
+              "locally but not copied: run once again")
         return EXIT_UNREACHABLE
     if result.copies_failed:
         print(f"once: {result.copies_failed} off-box cop{'y' if result.copies_failed == 1 else 'ies'} failed "
@@ -478,16 +526,15 @@ def once_exit_code(result: RunResult) -> int:
         return EXIT_FAILED_ITEMS
     if result.counts.get("failed", 0):
         if result.left:
-            print(f"once: {result.left} recording(s) left pending; run once again to continue", file=sys.stderr)
+            _err(f"once: {result.left} recording(s) left pending; run once again to continue")
         return EXIT_FAILED_ITEMS
     if result.left and (result.interrupted or result.gave_up):
         why = "stopped by a signal" if result.interrupted else "gave up after downloads.once_give_up_s paused"
-        print(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue",
-              file=sys.stderr)
+        _err(f"once: {why}; {result.left} recording(s) left; nothing failed: run once again to continue")
         return EXIT_INTERRUPTED
     if result.discovery_incomplete:
         why = "stopped by a signal" if result.interrupted else "could not list every recording the PBX holds"
-        print(f"once: discovery {why}; what it found is archived; run once again to continue", file=sys.stderr)
+        _err(f"once: discovery {why}; what it found is archived; run once again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
 
@@ -496,10 +543,10 @@ def _guard_pipeline(body: Callable[[], int]) -> int:
     try:
         return body()
     except WrongArchiveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return exc.exit_code
     except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return EXIT_FAILED_ITEMS
 
 
@@ -541,14 +588,17 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
 
 # ---------------------------------------------------------------- status / enqueue / retry
 @contextlib.contextmanager
-def _ledger(cfg: Config) -> Iterator[LedgerDb]:
-    """The ledger for one command, its SQLite and file errors (locked, read-only, disk full) turned
-    into a LedgerError that names ``state.path``: a clear line, exit 1, never a traceback."""
+def _ledger(cfg: Config, *, read_only: bool = False) -> Iterator[LedgerDb]:
+    """The ledger for one command. A ledger this user may not use (its folder or file not writable —
+    or, ``read_only``, not readable — by this user) is a ConfigError naming ``state.path`` (exit 2);
+    its SQLite and file errors (locked, a read-only file system, disk full) become a LedgerError that
+    names it too (exit 1). A clear line, never a traceback."""
     import sqlite3
 
-    from daemon.ledger import LedgerDb, ledger_error
+    from daemon.ledger import LedgerDb, check_state_access, ledger_error
+    check_state_access(cfg.state.path, write=not read_only)
     try:
-        db = LedgerDb(cfg.state.path)
+        db = LedgerDb(cfg.state.path, read_only=read_only)
     except (sqlite3.Error, OSError) as exc:
         raise ledger_error(exc, cfg.state.path) from exc
     try:
@@ -560,15 +610,17 @@ def _ledger(cfg: Config) -> Iterator[LedgerDb]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES
+    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES, check_state_access
     from daemon.logs import redact_text
     cfg = _load(args)
+    check_state_access(cfg.state.path, write=False)
     if not cfg.state.path.exists():
         counts: dict[str, int] = dict.fromkeys(STATES, 0)
         data: dict[str, Any] = {"counts": counts, "bytes_archived": 0, "recent_failures": [],
                                 "ledger": str(cfg.state.path), "ledger_exists": False}
     else:
-        with _ledger(cfg) as db:
+        # Read-only: status works beside a running `run`, and on a state folder it may not write.
+        with _ledger(cfg, read_only=True) as db:
             data = {
                 "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
                 "pbx": {"sn": db.kv_get(KV_PBX_SN), "firmware": db.kv_get(KV_PBX_FIRMWARE)},
@@ -762,10 +814,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()   # here, not at exit: a reader gone (`status | head -2`) is seen and handled
+    except BrokenPipeError:
+        # Like a Unix tool that SIGPIPE ends: stop, quietly. (Logs and stderr lines never get here:
+        # they are dropped where they are written, so that `once` and `run` keep archiving.)
+        from daemon.logs import drop_output
+        drop_output(sys.stdout)
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         return _config_failed(exc)
     except (WrongArchiveError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _err(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -37,6 +37,8 @@ EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 5
 EXIT_WRONG_ARCHIVE = 6
+# The reader of stdout went away (`status | head -2`): what a shell reports for a tool SIGPIPE ended.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
 class ArchiverError(Exception):

@@ -12,13 +12,14 @@ import fcntl
 import functools
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from daemon.errors import LedgerError, StorageError
+from daemon.errors import ConfigError, LedgerError, StorageError
 
 STATES = ("pending", "in_progress", "done", "failed", "missing", "copying")
 # Archived on the local disk: "copying" waits for its off-box copies (archive.s3) before it is "done".
@@ -167,6 +168,78 @@ def ledger_error(exc: BaseException, path: Path) -> LedgerError:
     return LedgerError(f"the ledger {str(path)!r} failed: {text}")
 
 
+def state_access_problem(path: Path, *, write: bool) -> str | None:
+    """Why this process's user cannot use the ledger at ``path`` — read it, or (``write``) also write
+    it, its lock and the files SQLite makes beside it — naming ``state.path``; None when it can, or
+    when the ledger does not exist yet for a read. A read-only file system is not reported here: like
+    a full disk, it is a fault the callers wait out (it is remounted), not a mistake in the set-up."""
+    folder = path.parent
+    me = f"this user (uid {os.geteuid()})"
+    fix = "run as the service user, or give this user access"
+
+    def can(p: Path, mode: int) -> bool:
+        if os.access in os.supports_effective_ids:
+            return os.access(p, mode, effective_ids=True)
+        return os.access(p, mode)   # pragma: no cover - Linux supports effective ids
+
+    def on_read_only_fs(p: Path) -> bool:
+        try:
+            return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
+    def owner(p: Path) -> str:
+        try:
+            st = p.stat()
+        except OSError:
+            return ""
+        return f" (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o})"
+    if not folder.exists():
+        parent = folder.parent
+        if write and parent.is_dir() and not can(parent, os.W_OK | os.X_OK) and not on_read_only_fs(parent):
+            return (f"state.path: {str(path)!r}: {me} cannot create the ledger's folder in "
+                    f"{str(parent)!r}{owner(parent)}; create {str(folder)!r} for the service user, or {fix}")
+        return None
+    if not can(folder, os.X_OK) or (write and not can(folder, os.W_OK) and not on_read_only_fs(folder)):
+        need = "write in" if write else "open"
+        return f"state.path: {str(path)!r}: {me} cannot {need} its folder {str(folder)!r}{owner(folder)}; {fix}"
+    files = [path, path.with_name(path.name + ".lock")] if write else [path]
+    for f in files:
+        if f.exists() and not can(f, (os.R_OK | os.W_OK) if write else os.R_OK) \
+                and not (write and on_read_only_fs(f)):
+            need = "read and write" if write else "read"
+            return f"state.path: {str(path)!r}: {me} cannot {need} {str(f)!r}{owner(f)}; {fix}"
+    return None
+
+
+def check_state_access(path: Path, *, write: bool) -> None:
+    """Raise ConfigError (exit 2) when ``state_access_problem`` finds one: a ledger this user may not
+    use is a set-up mistake that waiting cannot fix."""
+    problem = state_access_problem(path, write=write)
+    if problem is not None:
+        raise ConfigError([problem])
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can only read, and creates no file where it can help it (``status``).
+
+    ``mode=ro`` shares a running writer's WAL. On a folder this user cannot write, with no writer at
+    work (no ``-wal`` file), SQLite cannot make the ``-shm`` file that mode needs: the ledger is then
+    opened ``immutable`` — what is on disk is everything there is."""
+    uri = "file:" + urllib.parse.quote(str(path))
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK) or path.with_name(path.name + "-wal").exists():
+            raise
+    conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    return conn
+
+
 def _private_files(path: Path) -> None:
     """Create the ledger file 0600 before SQLite does (its -wal and -shm files copy the database's
     mode), and take group/other access away from files an older version made."""
@@ -185,13 +258,20 @@ class LedgerDb:
     runner sets it; other processes — status, enqueue — need not).
 
     Creates the ledger's own folder (0700) when missing, never its parents: a ledger inside an
-    unmounted ``archive.dir`` must not create that folder."""
+    unmounted ``archive.dir`` must not create that folder.
 
-    def __init__(self, path: Path) -> None:
-        with contextlib.suppress(FileExistsError):
-            path.parent.mkdir(mode=DIR_MODE)
+    ``read_only``: for ``status``; creates and changes nothing (no schema, no migration), and works
+    on a state folder this user cannot write. Raises sqlite3.Error, OSError."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self.destinations: tuple[str, ...] = ()
+        if read_only:
+            self.conn = _connect_read_only(path)
+            self.conn.row_factory = sqlite3.Row
+            return
+        with contextlib.suppress(FileExistsError):
+            path.parent.mkdir(mode=DIR_MODE)
         _private_files(path)
         self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         self.conn.row_factory = sqlite3.Row
@@ -696,7 +776,9 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
-            raise StorageError(f"another run/once is already using the ledger {str(self.path.parent)!r}") from exc
+            ledger = self.path.with_name(self.path.name.removesuffix(".lock"))
+            raise StorageError(f"another run/once is already using the ledger {str(ledger)!r} (state.path): "
+                               "stop it first, or give this one a state.path of its own") from exc
         self._fd = fd
 
     def release(self) -> None:

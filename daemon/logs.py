@@ -144,12 +144,48 @@ class _JournalPrefix:
         return f"<{journal_priority(level)}>{self.renderer(logger, method, event)}"
 
 
+def drop_output(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: once its reader has gone (a closed pipe), what
+    is written later, and what its buffer still holds, goes nowhere instead of raising BrokenPipeError."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class _NamedWriteLogger(structlog.WriteLogger):
-    """structlog's fast writer, carrying the name given to ``get_logger`` for the ``logger`` field."""
+    """structlog's fast writer, carrying the name given to ``get_logger`` for the ``logger`` field.
+
+    A log nobody reads any more (``once 2>&1 | head -1``) is dropped, never an error: a log line
+    must not stop the archiving."""
 
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except BrokenPipeError:
+            drop_output(self._file)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's records (aiohttp's, asyncio's), dropped like ours once nobody reads them."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            drop_output(self.stream)
+            return
+        super().handleError(record)
 
 
 class _NamedWriteLoggerFactory:
@@ -202,7 +238,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         logger_factory=_NamedWriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _PipeSafeHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

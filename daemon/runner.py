@@ -30,10 +30,11 @@ from daemon.errors import (
     TlsError,
 )
 from daemon.identity import PbxIdentity
-from daemon.ledger import Ledger, LedgerDb, Ref, RunLock
+from daemon.ledger import Ledger, LedgerDb, Ref, RunLock, check_state_access
 from daemon.live import Pipeline
 from daemon.logs import set_level
 from daemon.notify import Notifier
+from daemon.preflight import NO_SOURCE, configured_sources
 from daemon.reconcile import ReconcileReport, check_identity, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler, pause_delay
@@ -86,7 +87,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
     closed in reverse order whatever happens; the whole stop takes at most ``shutdown_grace_s`` (less
     when ``hurry`` is set) plus ``STOP_TAIL_S``. Raises WrongArchiveError when ``archive.dir`` is missing
     or not the ledger's archive, StorageError when the ledger cannot be opened (or another runner
-    holds it), ConfigError when ``service.listen`` is taken.
+    holds it), ConfigError when ``service.listen`` is taken or this user may not write ``state.path``.
     """
     clock = clock or SystemClock()
     notify = notify or SdNotify()
@@ -99,6 +100,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         stack.push_async_callback(background.close)
         archive = ArchiveDir(cfg.archive.dir)
         await asyncio.to_thread(archive.check_root)
+        # A state folder this user may not write is a set-up mistake (exit 2), not a disk fault to wait out.
+        await asyncio.to_thread(check_state_access, cfg.state.path, write=True)
         # The lock before the port: a second run is told "another run is using the ledger", the
         # true reason, not "address already in use".
         lock = RunLock(cfg.state.path)
@@ -126,6 +129,9 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                              elapsed_s=clock.monotonic() - started, interrupted=True)
         ledger, report = opened
         stack.push_async_callback(ledger.close)
+        if not configured_sources(cfg.sources):
+            # Only what `enqueue` puts in the ledger will be archived (`once` exits 2 when that is nothing).
+            log.warning("sources.none_configured", message=NO_SOURCE)
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),

@@ -23,8 +23,10 @@ def _config(tmp_path: Path, base_url: str, secret: str = "sim-secret-please-chan
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
     cfg = tmp_path / "config.yaml"
+    (tmp_path / "archive").mkdir(exist_ok=True)   # check checks that it exists: run never creates it
     cfg.write_text(f"pbx:\n  base_url: {base_url}\n  client_id: archiver\n  client_secret_file: secret\n"
-                   "archive:\n  dir: archive\nlogging:\n  format: json\n")
+                   "sources:\n  ids: [1000]\narchive:\n  dir: archive\n  min_free_bytes: 0\n"
+                   "logging:\n  format: json\n")
     return cfg
 
 

@@ -249,7 +249,7 @@ def test_check_reports_the_bucket_s_versioning_and_object_lock(tmp_path: Path) -
     with s3_server("moto", tmp_path / "s3", lock=True) as server, simulator_subprocess("--count", "1") as base_url:
         server.client().put_object_lock_configuration(Bucket=BUCKET, ObjectLockConfiguration={
             "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 30}}})
-        cfg = write_config(tmp_path, base_url, extra={"archive": {"s3": server.config()}})
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}, "archive": {"s3": server.config()}})
         result = run_cli("check", "-c", str(cfg))
     assert result.returncode == 0, result.stderr
     assert "versioning Enabled" in result.stdout and "Object Lock COMPLIANCE 30 days" in result.stdout
@@ -257,10 +257,12 @@ def test_check_reports_the_bucket_s_versioning_and_object_lock(tmp_path: Path) -
 
 def test_check_with_a_bucket_that_does_not_exist_is_exit_2_and_an_endpoint_that_is_down_exit_4(tmp_path: Path) -> None:
     with s3_server("moto", tmp_path / "s3") as server, simulator_subprocess("--count", "1") as base_url:
-        cfg = write_config(tmp_path, base_url, extra={"archive": {"s3": server.config(bucket="no-such-bucket")}})
+        # A source, so that the 2 is the bucket's, not check's "no source is configured".
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]},
+                                                      "archive": {"s3": server.config(bucket="no-such-bucket")}})
         assert run_cli("check", "-c", str(cfg)).returncode == 2
         down = server.config(endpoint_url="http://127.0.0.1:9")
-        cfg = write_config(tmp_path, base_url, extra={"archive": {"s3": down}})
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}, "archive": {"s3": down}})
         assert run_cli("check", "-c", str(cfg)).returncode == 4
 
 
