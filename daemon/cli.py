@@ -521,8 +521,8 @@ def once_exit_code(result: RunResult) -> int:
               "locally but not copied: run once again")
         return EXIT_UNREACHABLE
     if result.copies_failed:
-        print(f"once: {result.copies_failed} off-box cop{'y' if result.copies_failed == 1 else 'ies'} failed "
-              "(see status); fix the cause, then run retry", file=sys.stderr)
+        _err(f"once: {result.copies_failed} off-box cop{'y' if result.copies_failed == 1 else 'ies'} failed "
+             "(see status); fix the cause, then run retry")
         return EXIT_FAILED_ITEMS
     if result.counts.get("failed", 0):
         if result.left:
