@@ -232,8 +232,8 @@ class S3Destination:
             # total_max_attempts, not max_attempts (which counts retries: 1 = one hidden retry, which
             # re-sent a create-multipart-upload whose answer was lost and leaked the first upload).
             retries={"total_max_attempts": 1, "mode": "standard"},
-            request_checksum_calculation="when_required", response_checksum_validation="when_required",
             max_pool_connections=self.cfg.workers + 2,
+            **checksum_options(),
         )
         with translate_s3_errors("connect"):
             self._client = await self._stack.enter_async_context(get_session().create_client(
@@ -485,10 +485,13 @@ class S3Destination:
         """An object's bytes (``verify --read-data``, restoring a local copy)."""
         with translate_s3_errors("get object"):
             answer = await self.client.get_object(Bucket=self.cfg.bucket, Key=key)
-        async with answer["Body"] as stream:
+        body = answer["Body"]
+        # Read from the StreamingBody itself: what its ``async with`` yields differs between releases
+        # (in older releases, the raw aiohttp response, whose read() takes no size).
+        async with body:
             while True:
                 with translate_s3_errors("get object"):
-                    chunk = await stream.read(READ_BYTES)
+                    chunk = await body.read(READ_BYTES)
                 if not chunk:
                     return
                 yield chunk
@@ -508,6 +511,16 @@ def _content_type(key: str) -> str:
     lower = key.lower()
     return "audio/mpeg" if lower.endswith(".mp3") else "audio/wav" if lower.endswith(".wav") else \
         "application/json" if lower.endswith(".json") else "application/octet-stream"
+
+
+def checksum_options() -> dict[str, str]:
+    """Only the checksums the archiver chooses to send: botocore 1.36 began adding CRC32 ones to every
+    upload by default (which some S3-compatible servers refuse) and the switch that stops it; older
+    releases neither add them nor know the switch."""
+    from botocore.config import Config
+    if "request_checksum_calculation" not in Config.OPTION_DEFAULTS:
+        return {}
+    return {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
 
 
 def _code(exc: BaseException) -> str:

@@ -82,11 +82,12 @@ class S3Server:
         """A plain boto3 client for the test's own looking (never the archiver's code)."""
         import boto3
         from botocore.config import Config
+
+        from daemon.destinations import checksum_options
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
                             aws_access_key_id=ACCESS_KEY, aws_secret_access_key=secret,
                             config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required"))
+                                          **checksum_options()))
 
     def objects(self, bucket: str = BUCKET) -> dict[str, bytes]:
         c = self.client()

@@ -313,7 +313,7 @@ async def test_verify_finds_flipped_truncated_and_deleted_copies_keeps_them_asid
         c.delete_object(Bucket=BUCKET, Key=_rel(recs[3]))                          # gone from the bucket
         c.put_object(Bucket=BUCKET, Key=_rel(recs[4]), Body=b"RIFF rotten bytes")   # damaged in the bucket
         first = await asyncio.to_thread(run_cli, "verify", "--json", "-c", str(cfg))
-        assert first.returncode == 1, first.stderr
+        assert first.returncode == 1 and first.stdout, first.stderr
         report = json.loads(first.stdout)
         found = {(p["recording"], p["copy"], p["kind"]) for p in report["problems"]}
         assert found == {(str(recs[0].id), "local", "damaged"), (str(recs[1].id), "local", "damaged"),
