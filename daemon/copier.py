@@ -15,9 +15,10 @@ import functools
 import os
 import random
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import structlog
 
@@ -36,6 +37,8 @@ from daemon.ledger import KV_PBX_SN, DueCopy, Ledger, LedgerDb, Row
 from daemon.scheduler import backoff_delay, pause_delay
 
 log = structlog.get_logger("daemon.copier")
+
+_T = TypeVar("_T")
 
 IDLE_POLL_S = 1.0
 READ_BYTES = 1024 * 1024
@@ -183,33 +186,19 @@ class Copier:
             # Damaged on the local disk since it was archived: never copy damage off-box.
             await self._local_damaged(row, rel)
             return
-        try:
-            stored = await self.dest.store(local, rel, size=size, recording=row.ref,
-                                           tag=str(row.rec_id) if row.rec_id is not None else sha[:12],
-                                           chosen_key=chosen, overwrite_key=chosen if repair else None, hashes=hashes)
-        except PermanentError as exc:
-            await self._failed(row, exc)
-            return
-        except (PauseError, DestinationRefusedError, DestinationConfigError):
-            raise
-        except ArchiverError as exc:
-            await self._later(row, exc, attempts)
+        stored = await self._object_step(row, attempts, self.dest.store(
+            local, rel, size=size, recording=row.ref, tag=str(row.rec_id) if row.rec_id is not None else sha[:12],
+            chosen_key=chosen, overwrite_key=chosen if repair else None, hashes=hashes))
+        if stored is None:
             return
         if stored.key != chosen:
             key = stored.key
             await self.ledger.call(lambda db: db.copy_chosen(row.key, dest, key))
         if self.cfg.archive.sidecar:
-            try:
-                await self.dest.put_small(stored.key + ".json", await self._sidecar(row, local), recording=row.ref)
-            except PermanentError as exc:
-                # This sidecar cannot be stored (a policy, a name the server refuses): its trouble, not
-                # the other copies'. The copy is not done without it: failed, for an operator.
-                await self._failed(row, exc)
-                return
-            except (PauseError, DestinationRefusedError, DestinationConfigError):
-                raise
-            except ArchiverError as exc:
-                await self._later(row, exc, attempts)
+            # A sidecar the server refuses is this copy's trouble too: the copy is not done without it.
+            sidecar = await self._sidecar(row, local)
+            if await self._object_step(row, attempts, self.dest.put_small(stored.key + ".json", sidecar,
+                                                                           recording=row.ref)) is None:
                 return
         remove = not self.cfg.archive.keep_local
         now = self.clock.wall()
@@ -227,6 +216,20 @@ class Copier:
             self.pause_reason, self.paused_since, self.last_error = None, None, None
         log.info("copy.completed", recording=row.ref, dest=dest, key=stored.key, size=size, adopted=stored.adopted,
                  etag=stored.etag, state=state, local_removed=remove)
+
+    async def _object_step(self, row: Row, attempts: int, step: Awaitable[_T]) -> _T | None:
+        """One request about this recording's objects. Its own trouble (the server refuses this object,
+        or answers something worth a retry) is this copy's — failed, or again later — and gives None;
+        the destination's (a pause, refused credentials, a missing bucket) goes up to the worker."""
+        try:
+            return await step
+        except PermanentError as exc:
+            await self._failed(row, exc)
+        except (PauseError, DestinationRefusedError, DestinationConfigError):
+            raise
+        except ArchiverError as exc:
+            await self._later(row, exc, attempts)
+        return None
 
     async def _sidecar(self, row: Row, local: Path) -> bytes:
         """The local sidecar, or — when its write failed or has not happened yet — the same one made
