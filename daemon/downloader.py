@@ -239,7 +239,7 @@ class Downloader:
         """One recording, one transfer: None to go on; an outcome when another row settled it."""
         if not served:
             return None
-        outcome, other = await self.ledger.call(lambda db: db.bind_name(row.key, served))
+        outcome, other = await self.ledger.bind_name(row.key, served)
         if outcome == "wait":
             assert other is not None
             log.info("download.deferred", recording=row.ref, twin=other.ref, retry_in_s=DEFER_S)
