@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -370,3 +372,30 @@ async def test_a_second_runner_on_the_same_ledger_is_refused(start_sim: SimFacto
     finally:
         lock.release()
     assert (await _once(cfg)).counts["done"] == 1
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+async def test_a_small_recording_costs_two_thread_hops(start_sim: SimFactory, tmp_path: Path) -> None:
+    """Prepare (folder, final name, temp file) and commit (write, fsync, link, folder fsync, sidecar) are
+    one hop each for a body smaller than one write: thread hand-offs were most of the CPU per file."""
+    submitted = []
+    for n in (1, 31):
+        sim = await start_sim(count=n, size_min=20_000, size_max=60_000)
+        (tmp_path / str(n)).mkdir()
+        cfg = write_config(tmp_path / str(n), sim.base_url, extra={"sources": {"ids": _ids(sim)}})
+        counting = _CountingExecutor()
+        asyncio.get_running_loop().set_default_executor(counting)
+        result = await _once(cfg)
+        assert result.counts["done"] == n
+        assert archive_files(tmp_path / str(n) / "archive") == _expected(sim)
+        submitted.append(counting.submitted)
+    assert (submitted[1] - submitted[0]) / 30 <= 2.0, submitted   # 8 before, per recording
