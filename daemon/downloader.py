@@ -324,7 +324,7 @@ class Downloader:
     def _prepare(self, rel: PurePosixPath, resume: tuple[str, int] | None, need: int | None) -> _Prepared:
         """The blocking start of a recording, in one thread: the folder, the final name's status, then
         (when it is absent and ``need`` bytes are free) the temp file, resumed or new."""
-        dir_fd = self.archive.open_dir(rel.parent, create=True)
+        dir_fd = self.archive.open_dir_cached(rel.parent)
         try:
             final_st = ArchiveDir.lstat(dir_fd, rel.name)
             if final_st is not None:

@@ -87,6 +87,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         background = TaskSet()
         stack.push_async_callback(background.close)
         archive = ArchiveDir(cfg.archive.dir)
+        stack.callback(archive.close)
         await asyncio.to_thread(archive.check_root)
         # The lock before the port: a second run is told "another run is using the ledger", the
         # true reason, not "address already in use".
