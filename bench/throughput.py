@@ -50,7 +50,8 @@ WORK_DIR: str | None = None   # --dir: where the archives go (tmpfs takes the fs
 def start_simulator(count: int, size: int, resolve_delay_s: float = 0.0) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "simulate", "--port", "0", "--count", str(count),
-         "--size-min", str(size), "--size-max", str(size), "--resolve-delay", str(resolve_delay_s)],
+         "--size-min", str(size), "--size-max", str(size),
+         *(["--resolve-delay", str(resolve_delay_s)] if resolve_delay_s else [])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert proc.stdout is not None
     match = re.search(r"(http://127\.0\.0\.1:\d+)", proc.stdout.readline())
