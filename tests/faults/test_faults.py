@@ -404,11 +404,12 @@ async def test_a_full_disk_under_the_ledger_pauses_every_loop_and_none_dies(faul
             return health.counts.get("done", 0)
         await until(lambda: done() == 3)           # discovery's back-fill found the other two
         filler = disk / "filler"
-        with filler.open("wb") as f:
+        # Unbuffered: a buffered file keeps the bytes of the last short write and raises ENOSPC again
+        # when it is closed, whenever the free space is not a multiple of the write size.
+        with filler.open("wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError:
                 pass
         new = await fault_run.sim.add_recording()   # discovery will see it; the queue names another one
