@@ -310,7 +310,6 @@ class Scheduler:
             log.info("pipeline.probing", after=self.pause_reason)
 
     async def _process(self, row: Row) -> None:
-        bound = log.bind(recording=row.ref)
         started = self.clock.monotonic()
         try:
             result = await self.downloader.archive_row(row)
@@ -360,7 +359,7 @@ class Scheduler:
         except ArchiverError as exc:
             await self._reschedule(row, exc, None, burn=True)
         except Exception as exc:  # a bug: log it fully, burn an attempt so that it cannot spin
-            bound.exception("download.unexpected_error")
+            log.exception("download.unexpected_error", recording=row.ref)
             await self._reschedule(row, exc, None, burn=True)
         else:
             self._busy_keys.clear()
