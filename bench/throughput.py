@@ -3,6 +3,8 @@
 Scenarios (4 workers; the archiver fsyncs every file and commits the ledger per file):
   A  24 x 24 MiB        B  2,000 x 64 KiB        (archiver vs aria2c -j4 -x1, A/B alternating)
   C  1,000,000 ids in the queue file: time until all are in the ledger, peak RSS, `status` latency
+  L  B with the simulator answering recording/download after 50 ms, against B without (archiver
+     only, alternating): how much of the API latency the archiver hides
 
 The simulator runs as its own process. aria2c gets the same recordings from the same simulator:
 their download URLs (with a token) are resolved first and handed over in an input file, so its
@@ -13,6 +15,7 @@ Every archived file is checked byte for byte, block by block.
 
     .venv/bin/python bench/throughput.py                  # A, B and C; median of 3
     .venv/bin/python bench/throughput.py --scenario B --runs 1
+    .venv/bin/python bench/throughput.py --scenario A --scenario B --dir /dev/shm   # on tmpfs: no fsync cost
 """
 
 from __future__ import annotations
@@ -40,10 +43,15 @@ SCENARIOS = {"A": (24, 24 * 1024 * 1024), "B": (2000, 64 * 1024)}
 GIB = 1024 ** 3
 
 
-def start_simulator(count: int, size: int) -> tuple[subprocess.Popen[str], str]:
+RESOLVE_DELAY_S = 0.05
+WORK_DIR: str | None = None   # --dir: where the archives go (tmpfs takes the fsync cost out)
+
+
+def start_simulator(count: int, size: int, resolve_delay_s: float = 0.0) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "simulate", "--port", "0", "--count", str(count),
-         "--size-min", str(size), "--size-max", str(size)],
+         "--size-min", str(size), "--size-max", str(size),
+         *(["--resolve-delay", str(resolve_delay_s)] if resolve_delay_s else [])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert proc.stdout is not None
     match = re.search(r"(http://127\.0\.0\.1:\d+)", proc.stdout.readline())
@@ -147,14 +155,14 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
     resolve_s: list[float] = []
     try:
         for _ in range(runs):
-            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=WORK_DIR))
             try:
                 cfg = write_config(work, base_url, ids)
                 ours.append(measure([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], REPO))
                 verify([p for p in (work / "archive").rglob("*.wav")], opts, "archiver")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-aria-"))
+            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-aria-", dir=WORK_DIR))
             try:
                 t0 = time.perf_counter()
                 urls, _ = resolve_urls(base_url, ids)
@@ -176,6 +184,7 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
         cpu = statistics.median(r["cpu_s"] for r in rows)
         return {"wall_s": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1),
                 "files_per_s": round(count / wall, 1), "cpu_s_per_gib": round(cpu / (total / GIB), 2),
+                "cpu_ms_per_recording": round(cpu / count * 1000, 2),
                 "peak_rss_mib": round(max(r["rss"] for r in rows) / 2**20, 1)}
     a, b = summary(ours), summary(theirs)
     return {"scenario": name, "files": count, "file_bytes": size, "runs": runs, "archiver": a, "aria2c": b,
@@ -186,6 +195,39 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
             "throughput_ratio_with_resolve": round((b["wall_s"] + statistics.median(resolve_s)) / a["wall_s"], 2),
             "archiver_wall_s_all": [round(r["wall_s"], 3) for r in ours],
             "aria2c_wall_s_all": [round(r["wall_s"], 3) for r in theirs]}
+
+
+def latency_scenario(runs: int) -> dict[str, object]:
+    """L: B against a simulator whose recording/download answers after 50 ms, alternating with B
+    against one that answers at once; the archiver only. ``rate_ratio`` is the share of its
+    no-latency rate that it keeps (target >= 0.8)."""
+    count, size = SCENARIOS["B"]
+    opts = SimOptions(count=count, size_min=size, size_max=size)
+    ids = [r.id for r in make_recordings(opts)]
+    sims = {delay: start_simulator(count, size, delay) for delay in (0.0, RESOLVE_DELAY_S)}
+    rows: dict[float, list[dict[str, float]]] = {0.0: [], RESOLVE_DELAY_S: []}
+    try:
+        for _ in range(runs):
+            for delay, (_, base_url) in sims.items():
+                work = Path(tempfile.mkdtemp(prefix="bench-L-", dir=WORK_DIR))
+                try:
+                    cfg = write_config(work, base_url, ids)
+                    rows[delay].append(measure([sys.executable, "-m", "daemon", "once", "-c", str(cfg)], REPO))
+                    verify([p for p in (work / "archive").rglob("*.wav")], opts, "archiver")
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    finally:
+        for sim, _ in sims.values():
+            sim.send_signal(signal.SIGTERM)
+            sim.wait(timeout=10)
+    walls = {d: statistics.median(r["wall_s"] for r in rs) for d, rs in rows.items()}
+    return {"scenario": "L", "files": count, "file_bytes": size, "runs": runs,
+            "resolve_delay_s": RESOLVE_DELAY_S,
+            "files_per_s_no_delay": round(count / walls[0.0], 1),
+            "files_per_s_delayed": round(count / walls[RESOLVE_DELAY_S], 1),
+            "rate_ratio": round(walls[0.0] / walls[RESOLVE_DELAY_S], 2),
+            "wall_s_all_no_delay": [round(r["wall_s"], 3) for r in rows[0.0]],
+            "wall_s_all_delayed": [round(r["wall_s"], 3) for r in rows[RESOLVE_DELAY_S]]}
 
 
 def ingest_scenario(count: int = 1_000_000) -> dict[str, object]:
@@ -237,12 +279,16 @@ def ingest_scenario(count: int = 1_000_000) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scenario", choices=["A", "B", "C"], action="append")
+    parser.add_argument("--scenario", choices=["A", "B", "C", "L"], action="append")
+    parser.add_argument("--dir", help="where the archives and aria2c's files go [the system's temp folder]")
     args = parser.parse_args()
-    chosen = args.scenario or ["A", "B", "C"]
+    global WORK_DIR
+    WORK_DIR = args.dir
+    chosen = args.scenario or ["A", "B", "C", "L"]
     aria2c = ensure_aria2c() if {"A", "B"} & set(chosen) else ""
     for name in chosen:
-        result = ingest_scenario() if name == "C" else transfer_scenario(name, args.runs, aria2c)
+        result = ingest_scenario() if name == "C" else latency_scenario(args.runs) if name == "L" else \
+            transfer_scenario(name, args.runs, aria2c)
         print(json.dumps(result), flush=True)
 
 

@@ -1,7 +1,9 @@
 """The archive on disk: safe names, the layout, and the no-clobber commit that never follows a symlink.
 
 Every path below ``archive.dir`` is opened one component at a time with ``O_NOFOLLOW`` relative to
-its parent's descriptor, so a symlink planted anywhere in the tree is refused, never followed.
+its parent's descriptor, so a symlink planted anywhere in the tree is refused, never followed. The
+downloader keeps the last few folders open (``open_dir_cached``) and uses one again only while the
+kernel still places it at the very path that walk found.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import re
 import secrets
 import stat
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,6 +40,7 @@ STATE_DIR_MODE = 0o700
 MARKER_DIR = ".yeastar-archiver"
 MARKER_FILE = "archive-id"
 MAX_COMPONENT = 255
+DIR_CACHE_SIZE = 8   # open folder descriptors kept: a day's folder, and the days either side
 
 
 def is_safe_name(name: str) -> bool:
@@ -191,6 +196,69 @@ class ArchiveDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._lock = threading.Lock()
+        self._root_fd: int | None = None   # the root as last opened, and where the kernel placed it
+        self._root_path = ""
+        self._dirs: OrderedDict[PurePosixPath, int] = OrderedDict()
+
+    def open_dir_cached(self, rel_dir: PurePosixPath) -> int:
+        """``open_dir(rel_dir, create=True)``, from a few folders kept open: a descriptor the caller
+        owns (a duplicate). A kept folder is used only while ``archive.dir`` still names the same
+        directory and the kernel's own path of the folder (``/proc/self/fd``) is still the root's
+        plus ``rel_dir``: a folder moved, deleted or swapped for a symlink since is walked again
+        (and a symlink refused). Without ``/proc``, every call walks."""
+        with self._lock:
+            try:
+                fd = self._kept(rel_dir)
+            except OSError:
+                fd = None
+            if fd is not None:
+                return os.dup(fd)
+        fd = self.open_dir(rel_dir, create=True)
+        with self._lock, contextlib.suppress(OSError):   # not kept: the next call walks again
+            self._keep(rel_dir, fd)
+        return fd
+
+    def _kept(self, rel_dir: PurePosixPath) -> int | None:
+        fd = self._dirs.get(rel_dir)
+        if fd is None or self._root_fd is None:
+            return None
+        root_st, kept_st = os.stat(self.root), os.fstat(self._root_fd)
+        if (root_st.st_dev, root_st.st_ino) != (kept_st.st_dev, kept_st.st_ino) or \
+                os.readlink(f"/proc/self/fd/{fd}") != os.path.join(self._root_path, *rel_dir.parts):
+            self._forget()
+            return None
+        self._dirs.move_to_end(rel_dir)
+        return fd
+
+    def _keep(self, rel_dir: PurePosixPath, fd: int) -> None:
+        if self._root_fd is None:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._root_path = os.readlink(f"/proc/self/fd/{root_fd}")
+            except OSError:
+                os.close(root_fd)
+                raise
+            self._root_fd = root_fd
+        old = self._dirs.pop(rel_dir, None)
+        if old is not None:
+            os.close(old)
+        self._dirs[rel_dir] = os.dup(fd)
+        while len(self._dirs) > DIR_CACHE_SIZE:
+            os.close(self._dirs.popitem(last=False)[1])
+
+    def _forget(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
+    def close(self) -> None:
+        """Close the folders kept open."""
+        with self._lock:
+            self._forget()
 
     def check_root(self) -> None:
         """Refuse a root that is missing or not a directory. Never creates it: an unmounted disk must

@@ -23,6 +23,7 @@ CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{file}"
 LAYOUT_FIELDS = frozenset({"file", "stem", "ext", "id", "year", "month", "day", "call_type", "pbx_sn"})
 MAX_WORKERS = 64
+MAX_PREFETCH_URLS = 64
 # Keys whose values are never echoed in a problem: they are credentials. URLs are echoed only when
 # they carry no user:password@ and no query (webhook URLs of chat services are credentials too).
 SECRET_KEYS = frozenset({"client_secret", "secret_access_key", "access_key_id", "password", "token", "url"})
@@ -163,6 +164,7 @@ class DownloadsConfig:
     backoff_max_s: float = 600.0
     pause_max_s: float = 300.0
     once_give_up_s: float = 900.0
+    prefetch_urls: int = 32
 
 
 @dataclass(frozen=True)
@@ -617,6 +619,8 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         backoff_max_s=dl.get("backoff_max_s", _number, 600.0, "seconds > 0", check=positive),
         pause_max_s=dl.get("pause_max_s", _number, 300.0, "seconds > 0", check=positive),
         once_give_up_s=dl.get("once_give_up_s", _number, 900.0, "seconds > 0", check=positive),
+        prefetch_urls=dl.get("prefetch_urls", _int, 32, f"an integer from 0 to {MAX_PREFETCH_URLS}",
+                              check=lambda v: 0 <= v <= MAX_PREFETCH_URLS),
     )
     dl.finish()
 

@@ -194,6 +194,35 @@ class _Body:
     head: bytes
     content_type: str | None
     length_known: bool = True
+    tail: bytes = b""   # the last bytes, not written yet: the commit writes them before its fsync
+
+
+class _LazyWriter:
+    """The aiofiles writer of a temp file, opened at its first write: a body that fits in one write
+    never needs it (its bytes go out with the commit), and saves the open and close hops."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._out: Any = None
+
+    @property
+    def opened(self) -> bool:
+        return self._out is not None
+
+    async def write(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = await aiofiles.open(self._fd, "wb", closefd=False)
+        await self._out.write(data)
+
+    async def sync(self) -> None:
+        if self._out is not None:
+            await self._out.flush()
+        await asyncio.to_thread(os.fsync, self._fd)
+
+    async def close(self) -> None:
+        out, self._out = self._out, None
+        if out is not None:
+            await out.close()
 
 
 class Downloader:
@@ -261,7 +290,7 @@ class Downloader:
         """One recording, one transfer: None to go on; an outcome when another row settled it."""
         if not served:
             return None
-        outcome, other = await self.ledger.call(lambda db: db.bind_name(row.key, served))
+        outcome, other = await self.ledger.bind_name(row.key, served)
         if outcome == "wait":
             assert other is not None
             log.info("download.deferred", recording=row.ref, twin=other.ref, retry_in_s=DEFER_S)
@@ -284,24 +313,57 @@ class Downloader:
         # What the PBX is about to serve, as far as it says: the URL's extension, else the told name's.
         expected = url.format_hint or audio_ext(told, default="") or None
         rel = self._relpath(row, with_format(told, expected))
+        floor = self.cfg.archive.min_free_bytes
+        need = floor + (expected_listing_size(row, expected) or 0)
         try:
-            # One thread hop for the folder and the final name's status (the common case: absent).
-            dir_fd, final_st = await asyncio.to_thread(self._prepare, rel)
+            # One thread hop for the folder, the final name's status, the free space and, in the
+            # common case (the final name is absent), the temp file.
+            prep = await asyncio.to_thread(self._prepare, rel, self._resume_candidate(row, rel),
+                                           need if floor > 0 else None)
         except OSError as exc:
             raise self._os_error(exc, f"cannot create {str(rel.parent)!r}", row) from exc
+        dir_fd = prep.dir_fd
         try:
-            if final_st is not None:
-                adopted = await self._adopt_existing(row, dir_fd, rel, told, final_st)
+            if prep.final_st is not None:
+                adopted = await self._adopt_existing(row, dir_fd, rel, told, prep.final_st)
                 if adopted is not None:
                     return adopted
-            await self._check_free_space(expected_listing_size(row, expected))
-            return await self._download(row, url, dir_fd, rel, told, expected)
+                await self._check_free_space(expected_listing_size(row, expected))
+            elif prep.free is not None:
+                raise StorageError(f"only {prep.free} bytes free in archive.dir (archive.min_free_bytes is {floor})")
+            return await self._download(row, url, dir_fd, rel, told, expected, prep)
         finally:
             os.close(dir_fd)
 
-    def _prepare(self, rel: PurePosixPath) -> tuple[int, os.stat_result | None]:
-        dir_fd = self.archive.open_dir(rel.parent, create=True)
-        return dir_fd, ArchiveDir.lstat(dir_fd, rel.name)
+    def _resume_candidate(self, row: Row, rel: PurePosixPath) -> tuple[str, int] | None:
+        """(temp name, bytes fsynced) of this row's checkpointed temp file, when it may be resumed. Pure."""
+        if row.part_path is not None and row.part_synced > 0:
+            old = PurePosixPath(row.part_path)
+            if old.parent == rel.parent and old.name.startswith(f".{rel.name}"[:40]):
+                return old.name, row.part_synced
+        return None
+
+    def _prepare(self, rel: PurePosixPath, resume: tuple[str, int] | None, need: int | None) -> _Prepared:
+        """The blocking start of a recording, in one thread: the folder, the final name's status, then
+        (when it is absent and ``need`` bytes are free) the temp file, resumed or new."""
+        dir_fd = self.archive.open_dir_cached(rel.parent)
+        try:
+            final_st = ArchiveDir.lstat(dir_fd, rel.name)
+            if final_st is not None:
+                return _Prepared(dir_fd, final_st)
+            if need is not None:
+                free = self.archive.free_bytes()
+                if free < need:
+                    return _Prepared(dir_fd, None, free=free)
+            part, keep = _resume_point(dir_fd, rel, resume)
+            try:
+                fd = ArchiveDir.open_part(dir_fd, part, keep=keep)
+            except OSError as exc:
+                return _Prepared(dir_fd, None, part=part, keep=keep, open_error=exc)
+            return _Prepared(dir_fd, None, part=part, keep=keep, fd=fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
 
     def _os_error(self, exc: OSError, what: str, row: Row) -> Exception:
         err = storage_error(exc, what)
@@ -336,13 +398,20 @@ class Downloader:
         return await self._finish(row, dir_fd, rel, served, size, sha, downloaded=False)
 
     async def _download(self, row: Row, url: DownloadUrl, dir_fd: int, rel: PurePosixPath, told: str,
-                        expected: str | None) -> Archived:
-        part, keep = await self._resume_point(row, dir_fd, rel)
+                        expected: str | None, prep: _Prepared) -> Archived:
+        if prep.part is None:   # the final name was taken and nothing was adopted: open the temp file now
+            part, keep = await asyncio.to_thread(_resume_point, dir_fd, rel, self._resume_candidate(row, rel))
+            try:
+                fd = await asyncio.to_thread(ArchiveDir.open_part, dir_fd, part, keep=keep)
+            except OSError as exc:
+                raise self._os_error(exc, f"cannot create {str(rel.parent / part)!r}", row) from exc
+        else:
+            part, keep = prep.part, prep.keep
+            if prep.open_error is not None or prep.fd is None:
+                cause = prep.open_error or OSError(errno.EBADF, "no temp file")
+                raise self._os_error(cause, f"cannot create {str(rel.parent / part)!r}", row) from cause
+            fd = prep.fd
         part_rel = str(rel.parent / part)
-        try:
-            fd = await asyncio.to_thread(ArchiveDir.open_part, dir_fd, part, keep=keep)
-        except OSError as exc:
-            raise self._os_error(exc, f"cannot create {part_rel!r}", row) from exc
         if row.part_path is not None and row.part_path != part_rel:
             await self.ledger.call(lambda db: db.set_part(row.key, None, 0))  # a stale checkpoint elsewhere
         synced = [keep]  # what the ledger's checkpoint vouches for, as the transfer goes
@@ -409,18 +478,27 @@ class Downloader:
             if moved_fd is not None:
                 os.close(moved_fd)
             raise
+        now = self.clock.wall()
+        # An id row's sidecar says nothing the ledger could still change: it goes out in the commit's
+        # hop (unfsynced, as ever; reconciliation adopts a file from it only after checking its hash).
+        side = self._sidecar(row, told or row.file, body.size, body.sha256, now) \
+            if row.rec_id is not None else None
         try:
             try:
-                linked, written = await asyncio.to_thread(_seal_and_link, fd, dir_fd, part, rel.name)
+                linked, written, side_error = await asyncio.to_thread(
+                    _seal_and_link, fd, dir_fd, part, rel.name, body.tail, side)
             except OSError as exc:
                 # Never retry an fsync: the page cache may have dropped the data. Start over.
                 await self._discard(row, dir_fd, part)
                 raise self._os_error(exc, f"committing {str(rel.parent / part)!r} failed", row) from exc
+            if side_error is not None:
+                log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(side_error))
             final = rel if linked else await self._commit_elsewhere(row, dir_fd, rel, part, body.sha256, written)
             if row.sha256 is not None and row.sha256 != body.sha256:
                 log.warning("download.content_changed", recording=row.ref, path=str(final), before=row.sha256,
                             now=body.sha256, reason="the PBX served other bytes than the copy archived earlier")
-            return await self._finish(row, dir_fd, final, told, body.size, body.sha256, downloaded=True)
+            return await self._finish(row, dir_fd, final, told, body.size, body.sha256, downloaded=True,
+                                      now=now, sidecar_done=linked and side is not None)
         finally:
             if moved_fd is not None:
                 os.close(moved_fd)
@@ -437,17 +515,6 @@ class Downloader:
             os.close(new_fd)
             raise
         return new_fd, new_part
-
-    async def _resume_point(self, row: Row, dir_fd: int, rel: PurePosixPath) -> tuple[str, int]:
-        """(temp name, bytes to keep): this row's checkpointed temp file when it is still there, else
-        a new temp name unique to this attempt."""
-        if row.part_path is not None and row.part_synced > 0:
-            old = PurePosixPath(row.part_path)
-            if old.parent == rel.parent and old.name.startswith(f".{rel.name}"[:40]):
-                st = await asyncio.to_thread(ArchiveDir.lstat, dir_fd, old.name)
-                if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= row.part_synced:
-                    return old.name, row.part_synced
-        return part_name(rel.name), 0
 
     async def _discard(self, row: Row, dir_fd: int, part: str, *, checkpoint: bool = True) -> None:
         def unlink() -> None:
@@ -493,6 +560,7 @@ class Downloader:
             size = keep
             synced = keep
             pending = bytearray()
+            writer = _LazyWriter(fd)
 
             async def flush() -> None:
                 # One write per MiB, not per network read; the hash runs in a worker thread beside
@@ -500,9 +568,9 @@ class Downloader:
                 if pending:
                     data = bytes(pending)
                     pending.clear()
-                    await asyncio.gather(out.write(data), asyncio.to_thread(digest.update, data))
+                    await asyncio.gather(writer.write(data), asyncio.to_thread(digest.update, data))
 
-            async with aiofiles.open(fd, "wb", closefd=False) as out:
+            try:
                 async for chunk in stream.chunks(CHUNK_BYTES):
                     if not head:
                         head = chunk[:64]
@@ -517,18 +585,26 @@ class Downloader:
                     self.last_chunk_at = self.clock.monotonic()
                     if size - synced >= dl.checkpoint_bytes:
                         await flush()
-                        await out.flush()
-                        await asyncio.to_thread(os.fsync, fd)
+                        await writer.sync()
                         synced = size
                         await self._checkpoint(row.key, part_rel, synced, digest.copy().hexdigest())
                         checkpointed[0] = synced
-                await flush()
+                if writer.opened:
+                    await flush()
+                    tail = b""
+                else:
+                    # A body smaller than one write: hashed here (tens of microseconds), and written
+                    # by the commit's own thread hop, right before its fsync.
+                    tail = bytes(pending)
+                    digest.update(tail)
+            finally:
+                await writer.close()
             expected = stream.total if stream.total is not None else (
                 stream.start + stream.length if stream.length is not None else None)
         if expected is not None and size != expected:
             raise TransferError(f"the transfer ended at {size} of {expected} bytes", recording=row.ref)
         return _Body(size, digest.hexdigest(), head, stream.content_type,
-                     length_known=expected is not None or stream.chunked)
+                     length_known=expected is not None or stream.chunked, tail=tail)
 
     async def _probe_end(self, row: Row, url: DownloadUrl, size: int) -> bool | None:
         """Ask for the bytes after ``size`` (``Range: bytes=<size>-``): True when there are none (416),
@@ -590,15 +666,16 @@ class Downloader:
         raise PermanentError(f"both {name!r} and its alternate name hold other recordings", recording=row.ref)
 
     async def _finish(self, row: Row, dir_fd: int, rel: PurePosixPath, served: str, size: int, sha: str, *,
-                      downloaded: bool) -> Archived:
-        now = self.clock.wall()
+                      downloaded: bool, now: float | None = None, sidecar_done: bool = False) -> Archived:
+        now = self.clock.wall() if now is None else now
         completion: dict[str, Any] = {"key": row.key, "final_path": str(rel), "size": size, "sha256": sha,
                                       "now": now, "file": served or row.file}
         try:
             rec_id = await self.ledger.complete(**completion)
         except LedgerError as exc:
             raise CommitNotRecorded(exc, completion) from exc
-        await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
+        if not sidecar_done:
+            await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
         log.info("download.completed", recording=row.ref, path=str(rel), size=size, downloaded=downloaded)
         return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded)
 
@@ -618,18 +695,50 @@ class Downloader:
             os.close(dir_fd)
         log.info("download.completed", recording=row.ref, path=str(rel), size=completion["size"], late=True)
 
+    def _sidecar(self, row: Row, file: str | None, size: int, sha: str, now: float, *,
+                 rec_id: int | None = None) -> dict[str, Any] | None:
+        """The sidecar's data, or None when sidecars are off."""
+        if not self.cfg.archive.sidecar:
+            return None
+        return sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=file, size=size, sha256=sha,
+                            archived_at=now, meta=row.meta, pbx_sn=self.pbx_sn)
+
     async def _write_sidecar(self, row: Row, dir_fd: int, rel: PurePosixPath, completion: dict[str, Any],
                              rec_id: int | None) -> None:
-        if not self.cfg.archive.sidecar:
+        data = self._sidecar(row, completion["file"], completion["size"], completion["sha256"], completion["now"],
+                             rec_id=rec_id)
+        if data is None:
             return
-        data = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=completion["file"],
-                            size=completion["size"], sha256=completion["sha256"], archived_at=completion["now"],
-                            meta=row.meta, pbx_sn=self.pbx_sn)
         try:
             await asyncio.to_thread(ArchiveDir.write_sidecar, dir_fd, rel.name, data)
         except OSError as exc:
             # The recording itself is safe; start-up reconciliation writes missing sidecars.
             log.warning("archive.sidecar_failed", recording=row.ref, path=str(rel), error=str(exc))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``Downloader._prepare`` found and opened: the folder always; the final name's status;
+    the free bytes when too few; the temp file (or why it could not be opened)."""
+
+    dir_fd: int
+    final_st: os.stat_result | None
+    free: int | None = None
+    part: str | None = None
+    keep: int = 0
+    fd: int | None = None
+    open_error: OSError | None = None
+
+
+def _resume_point(dir_fd: int, rel: PurePosixPath, resume: tuple[str, int] | None) -> tuple[str, int]:
+    """(temp name, bytes to keep): the checkpointed temp file ``resume`` when it is still there and
+    long enough, else a new temp name unique to this attempt. Blocking."""
+    if resume is not None:
+        name, synced = resume
+        st = ArchiveDir.lstat(dir_fd, name)
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= synced:
+            return name, synced
+    return part_name(rel.name), 0
 
 
 def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:
@@ -648,17 +757,29 @@ def _hash_prefix(fd: int, length: int) -> tuple[bytes, Any]:
     return head, digest
 
 
-def _seal_and_link(fd: int, dir_fd: int, part: str, final: str) -> tuple[bool, os.stat_result]:
-    """fsync the temp file, link it to its final name and fsync the folder, then close it, in one
-    thread hop. The descriptor stays open until the link is checked, so its inode cannot be reused
-    by another file meanwhile. Returns (linked, the written file's fstat); not linked when the final
-    name is taken (the temp file stays for the caller)."""
+def _seal_and_link(fd: int, dir_fd: int, part: str, final: str, tail: bytes = b"",
+                   sidecar: dict[str, Any] | None = None) -> tuple[bool, os.stat_result, OSError | None]:
+    """Write ``tail``, fsync the temp file, link it to its final name and fsync the folder, then close
+    it and write the ``sidecar`` (when given and linked), in one thread hop. The descriptor stays open
+    until the link is checked, so its inode cannot be reused by another file meanwhile. Returns
+    (linked, the written file's fstat, why the sidecar failed); not linked when the final name is
+    taken (the temp file stays for the caller)."""
     try:
+        view = memoryview(tail)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
         written = os.fstat(fd)
-        return ArchiveDir.commit(dir_fd, part, final, written), written
+        linked = ArchiveDir.commit(dir_fd, part, final, written)
     finally:
         os.close(fd)
+    if not linked or sidecar is None:
+        return linked, written, None
+    try:
+        ArchiveDir.write_sidecar(dir_fd, final, sidecar)
+    except OSError as exc:
+        return linked, written, exc
+    return linked, written, None
 
 
 def _truncate(fd: int) -> None:

@@ -439,37 +439,56 @@ class LedgerDb:
         - ``("done", row)``: it is archived already, under ``row`` (this row may have been merged away);
         - ``("gone", None)``: this row no longer exists (merged into its twin meanwhile).
         """
-        # The common case (a known name, no twin) is answered by a read: no transaction, no fsync.
+        return self.bind_names([(key, served)])[0]
+
+    def bind_names(self, items: list[tuple[str, str]]) -> list[tuple[str, Row | None]]:
+        """Several ``bind_name`` calls, in order; those that write share one transaction (one fsync)."""
+        out: list[tuple[str, Row | None]] = []
+        for n, (key, served) in enumerate(items):
+            read = self._bind_read(key, served)
+            if read is None:
+                # The first that must write opens the transaction, and the rest go inside it, in
+                # order: each sees what the ones before it wrote, as one call after another would.
+                with self.write() as c:
+                    out.extend(self._bind_in(c, k, s) for k, s in items[n:])
+                break
+            out.append(read)
+        return out
+
+    def _bind_read(self, key: str, served: str) -> tuple[str, Row | None] | None:
+        """The common case (a known name, no twin) is answered by a read: no transaction, no fsync."""
         me = self.conn.execute("SELECT state, file FROM recordings WHERE key = ?", (key,)).fetchone()
         if me is not None and me["state"] not in ARCHIVED and me["file"] is not None and self.conn.execute(
                 "SELECT 1 FROM recordings WHERE file IN (?, ?, ?) AND key != ? LIMIT 1",
                 (*name_variants(served), key)).fetchone() is None:
             return "proceed", None
-        with self.write() as c:
-            me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
-            if me is None:
-                return "gone", None
-            if me["state"] in ARCHIVED:
-                return "done", _row(me)
-            if me["file"] is None:
-                c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
-            twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file IN (?, ?, ?) AND key != ? "
-                              "ORDER BY rowid", (*name_variants(served), key)).fetchall()
-            for twin in twins:
-                if twin["rec_id"] is not None and me["rec_id"] is not None:
-                    continue  # two ids: two recordings that happen to share a name (alternate names)
-                if twin["state"] == "in_progress":
-                    return "wait", _row(twin)
-                if twin["state"] in ARCHIVED:
-                    if me["rec_id"] is not None:  # the id row takes over its name row's result
-                        self._take_over(c, twin, key, twin["done_at"] or 0.0)
-                        merged = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
-                        return "done", _row(merged)
-                    c.execute("DELETE FROM recordings WHERE key = ?", (key,))
-                    return "done", _row(twin)
-                if twin["rec_id"] is None:
-                    c.execute("DELETE FROM recordings WHERE key = ?", (twin["key"],))
-            return "proceed", None
+        return None
+
+    def _bind_in(self, c: sqlite3.Connection, key: str, served: str) -> tuple[str, Row | None]:
+        me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
+        if me is None:
+            return "gone", None
+        if me["state"] in ARCHIVED:
+            return "done", _row(me)
+        if me["file"] is None:
+            c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
+        twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file IN (?, ?, ?) AND key != ? "
+                          "ORDER BY rowid", (*name_variants(served), key)).fetchall()
+        for twin in twins:
+            if twin["rec_id"] is not None and me["rec_id"] is not None:
+                continue  # two ids: two recordings that happen to share a name (alternate names)
+            if twin["state"] == "in_progress":
+                return "wait", _row(twin)
+            if twin["state"] in ARCHIVED:
+                if me["rec_id"] is not None:  # the id row takes over its name row's result
+                    self._take_over(c, twin, key, twin["done_at"] or 0.0)
+                    merged = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()
+                    return "done", _row(merged)
+                c.execute("DELETE FROM recordings WHERE key = ?", (key,))
+                return "done", _row(twin)
+            if twin["rec_id"] is None:
+                c.execute("DELETE FROM recordings WHERE key = ?", (twin["key"],))
+        return "proceed", None
 
     def complete(self, key: str, *, final_path: str, size: int, sha256: str, now: float,
                  file: str | None = None) -> int | None:
@@ -836,6 +855,10 @@ def _claim_batch(db: LedgerDb, requests: list[tuple[float, float]]) -> list[Row 
     return rows + [None] * (len(requests) - len(rows))
 
 
+def _bind_batch(db: LedgerDb, items: list[tuple[str, str]]) -> list[tuple[str, Row | None]]:
+    return db.bind_names(items)
+
+
 def _complete_batch(db: LedgerDb, items: list[dict[str, Any]]) -> list[int | None]:
     return db.complete_many(items)
 
@@ -849,6 +872,11 @@ class Ledger:
         self._db: LedgerDb | None = None
         self._claims: GroupCommit[tuple[float, float], Row | None] = GroupCommit(self, _claim_batch)
         self._completions: GroupCommit[dict[str, Any], int | None] = GroupCommit(self, _complete_batch)
+        self._binds: GroupCommit[tuple[str, str], tuple[str, Row | None]] = GroupCommit(self, _bind_batch)
+
+    async def bind_name(self, key: str, served: str) -> tuple[str, Row | None]:
+        """``LedgerDb.bind_name``; concurrent binds that write share a transaction."""
+        return await self._binds((key, served))
 
     async def claim_one(self, *, now: float, lease_s: float) -> Row | None:
         """One due row for one worker; concurrent claims share a transaction."""

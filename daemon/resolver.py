@@ -1,5 +1,6 @@
-"""The resolver: a recording's 30-minute download URL, fetched right before the transfer and renewed
-when it has expired — without ever burning an attempt for it."""
+"""The resolver: a recording's 30-minute download URL, fetched right before the transfer (or ahead of
+it, while other recordings transfer) and renewed when it has expired — without ever burning an
+attempt for it."""
 
 from __future__ import annotations
 
@@ -86,9 +87,40 @@ class Resolver:
         self._gate = gate
         self._margin_s = margin_s
         self._urls: dict[str, DownloadUrl] = {}
+        self._ahead: dict[str, asyncio.Task[None]] = {}   # prefetches under way, by recording
+
+    def prefetch(self, key: str, *, rec_id: int | None, file: str | None) -> None:
+        """Start resolving ``key``'s URL now, for a transfer that comes later. Never while the gate is
+        exclusive (mp3: the one-request rule). A prefetch that fails is forgotten: the transfer's own
+        ``url_for`` asks again and its error counts there, once."""
+        if self._gate.exclusive or key in self._ahead or key in self._urls:
+            return
+        self._ahead[key] = asyncio.create_task(self._prefetch(key, rec_id, file), name=f"prefetch-{key}")
+
+    async def _prefetch(self, key: str, rec_id: int | None, file: str | None) -> None:
+        try:
+            if not self._gate.exclusive:   # the gate may have closed while this task waited to start
+                await self.url_for(key, rec_id=rec_id, file=file)
+        except Exception as exc:   # the transfer's own resolve meets it again, and counts it there
+            log.debug("url.prefetch_failed", recording=file or rec_id, error=str(exc))
+        finally:
+            if self._ahead.get(key) is asyncio.current_task():
+                del self._ahead[key]
+
+    async def close(self) -> None:
+        """Cancel the prefetches under way (their recordings were released or are gone)."""
+        tasks = list(self._ahead.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def url_for(self, key: str, *, rec_id: int | None, file: str | None) -> DownloadUrl:
-        """A URL valid for at least the margin; resolves (through the gate) when needed."""
+        """A URL valid for at least the margin; resolves (through the gate) when needed. A prefetch
+        under way for ``key`` is waited for, not doubled; a URL it brought that expired meanwhile is
+        renewed here like any other (``url_needs_refresh``)."""
+        ahead = self._ahead.get(key)
+        if ahead is not None and asyncio.current_task() is not ahead:
+            await asyncio.wait([ahead])   # never raises: a failed or cancelled prefetch leaves no URL
         url = self._urls.get(key)
         if url_needs_refresh(self._clock.monotonic(), url, self._margin_s):
             if url is not None:
@@ -107,3 +139,6 @@ class Resolver:
     def forget(self, key: str) -> None:
         """Drop a URL the PBX no longer honours (or that is no longer needed)."""
         self._urls.pop(key, None)
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            ahead.cancel()

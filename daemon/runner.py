@@ -15,7 +15,7 @@ import structlog
 from daemon.archive import ArchiveDir, storage_error
 from daemon.client import PbxClient
 from daemon.clock import Clock, SystemClock, sleep_or_stop
-from daemon.config import LIVE_KEYS, MAX_WORKERS, Config, changed_keys, load_config, with_keys
+from daemon.config import LIVE_KEYS, MAX_PREFETCH_URLS, MAX_WORKERS, Config, changed_keys, load_config, with_keys
 from daemon.copier import Copier, CopyStats
 from daemon.discovery import Discovery
 from daemon.downloader import Downloader
@@ -99,6 +99,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         background = TaskSet()
         stack.push_async_callback(background.close)
         archive = ArchiveDir(cfg.archive.dir)
+        stack.callback(archive.close)
         await asyncio.to_thread(archive.check_root)
         # A state folder this user may not write is a set-up mistake (exit 2), not a disk fault to wait out.
         await asyncio.to_thread(check_state_access, cfg.state.path, write=True)
@@ -135,8 +136,9 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
-            # Sized for the most workers a reload may ask for: a pool wait counts against the connect timeout.
-            workers=MAX_WORKERS))
+            # Sized for the most workers a reload may ask for, and the URLs resolved ahead of them: a pool
+            # wait counts against the connect timeout.
+            workers=MAX_WORKERS + MAX_PREFETCH_URLS))
         copier: Copier | None = None
         if cfg.archive.s3 is not None:
             from daemon.destinations import S3Destination

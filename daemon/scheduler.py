@@ -123,6 +123,9 @@ class Scheduler:
         self._retire = 0
         self.failures: deque[tuple[int, str, str]] = deque(maxlen=100)  # (sequence, recording, reason)
         self._failure_seq = 0
+        # Rows claimed ahead, their URLs resolving while other recordings transfer (downloads.prefetch_urls).
+        self._ahead: deque[Row] = deque()
+        self._refill: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """New work was enqueued: wake idle workers."""
@@ -166,7 +169,43 @@ class Scheduler:
             for w in self._workers:
                 w.cancel()
             await asyncio.gather(stopper, *self._workers, return_exceptions=True)
+            await self._release_ahead()
         return self.stats
+
+    @property
+    def _prefetching(self) -> bool:
+        """Claim ahead and resolve early only while more than one request may be in flight."""
+        return self.cfg.downloads.prefetch_urls > 0 and not self.downloader.gate.exclusive
+
+    def _top_up(self) -> None:
+        """Claim more rows ahead, in one ledger transaction at a time, up to the prefetch window."""
+        depth = self.cfg.downloads.prefetch_urls
+        if not self._prefetching or len(self._ahead) >= depth or self.stop.is_set() or \
+                (self._refill is not None and not self._refill.done()):
+            return
+        self._refill = asyncio.create_task(self._claim_ahead(depth - len(self._ahead)), name="claim-ahead")
+
+    async def _claim_ahead(self, n: int) -> None:
+        now = self.clock.wall()
+        try:
+            rows = await self.ledger.call(lambda db: db.claim(n, now=now, lease_s=LEASE_S))
+        except LedgerError as exc:
+            log.debug("prefetch.claim_failed", error=str(exc))   # the workers' own claims meet it too
+            return
+        for row in rows:
+            self.downloader.resolver.prefetch(row.key, rec_id=row.rec_id, file=row.file)
+        self._ahead.extend(rows)
+        if rows:
+            self._wakeup.set()
+
+    async def _release_ahead(self) -> None:
+        """Give back the rows claimed ahead that no worker took (the claim is never cancelled half-way:
+        its rows are in progress in the ledger once it returns)."""
+        if self._refill is not None:
+            await asyncio.gather(self._refill, return_exceptions=True)
+        await self.downloader.resolver.close()
+        while self._ahead:
+            await self._release(self._ahead.popleft())
 
     @property
     def workers(self) -> int:
@@ -220,7 +259,10 @@ class Scheduler:
             return
         if self._unsaved:
             await self._save_unsaved()
-        row = await self.ledger.claim_one(now=self.clock.wall(), lease_s=LEASE_S)
+        row = self._ahead.popleft() if self._ahead else \
+            await self.ledger.claim_one(now=self.clock.wall(), lease_s=LEASE_S)
+        if row is not None:
+            self._top_up()
         if row is None:
             active, next_at = await self.ledger.call(lambda db: db.next_due())
             if self.once and active == 0:
@@ -268,7 +310,6 @@ class Scheduler:
             log.info("pipeline.probing", after=self.pause_reason)
 
     async def _process(self, row: Row) -> None:
-        bound = log.bind(recording=row.ref)
         started = self.clock.monotonic()
         try:
             result = await self.downloader.archive_row(row)
@@ -318,7 +359,7 @@ class Scheduler:
         except ArchiverError as exc:
             await self._reschedule(row, exc, None, burn=True)
         except Exception as exc:  # a bug: log it fully, burn an attempt so that it cannot spin
-            bound.exception("download.unexpected_error")
+            log.exception("download.unexpected_error", recording=row.ref)
             await self._reschedule(row, exc, None, burn=True)
         else:
             self._busy_keys.clear()

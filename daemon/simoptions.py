@@ -21,6 +21,7 @@ class SimOptions:
     token_lifetime_s: float = 1800.0
     refresh_lifetime_s: float = 86400.0
     url_lifetime_s: float = 1800.0
+    resolve_delay_s: float = 0.0       # recording/download answers this long after it was asked (API latency)
     max_tokens: int = 8
     block_after: int = 5
     range_support: bool = True

@@ -586,6 +586,8 @@ class Simulator:
 
     async def recording_download(self, request: web.Request) -> web.Response:
         async with self._slot() as allowed:
+            if self.opts.resolve_delay_s > 0:   # in flight meanwhile, as on a PBX that takes its time
+                await asyncio.sleep(self.opts.resolve_delay_s)
             if not self._token_ok(request):
                 return _error(10004)
             if not allowed:

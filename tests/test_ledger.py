@@ -58,6 +58,26 @@ def test_a_twin_in_transfer_makes_the_other_wait_and_hands_it_its_result(tmp_pat
     db.close()
 
 
+def test_binds_that_share_a_transaction_answer_as_one_call_after_another_would(tmp_path: Path) -> None:
+    """Group commit of binds: ids that learn their names in one batch get one write, and a pair of twins
+    in the same batch still ends in one transfer (the second sees what the first wrote)."""
+    db = _db(tmp_path)
+    other = "20220112173700-1641980200.15-5566-5556-Internal.wav"
+    db.enqueue_many([Ref(rec_id=7), Ref(rec_id=8)], source="config", now=0)
+    db.enqueue([Ref(file=NAME)], source="event", now=0)
+    assert set(_claim_all(db)) == {"id:7", "id:8", f"file:{NAME}"}
+    changes = db.conn.total_changes
+    outcomes = db.bind_names([(f"file:{NAME}", NAME), ("id:7", NAME), ("id:8", other)])
+    assert [o for o, _ in outcomes] == ["proceed", "wait", "proceed"]
+    assert outcomes[1][1] is not None and outcomes[1][1].key == f"file:{NAME}"
+    assert db.conn.total_changes > changes
+    assert db.get("id:8").file == other  # type: ignore[union-attr]
+    # All known and without twins: answered by reads, no transaction at all.
+    changes = db.conn.total_changes
+    assert db.bind_names([("id:8", other)]) == [("proceed", None)] and db.conn.total_changes == changes
+    db.close()
+
+
 def test_a_twin_already_done_settles_the_other_without_a_transfer(tmp_path: Path) -> None:
     db = _db(tmp_path)
     db.enqueue([Ref(file=NAME)], source="event", now=0)

@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -370,3 +372,71 @@ async def test_a_second_runner_on_the_same_ledger_is_refused(start_sim: SimFacto
     finally:
         lock.release()
     assert (await _once(cfg)).counts["done"] == 1
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+async def test_a_small_recording_costs_two_thread_hops(start_sim: SimFactory, tmp_path: Path) -> None:
+    """Prepare (folder, final name, temp file) and commit (write, fsync, link, folder fsync, sidecar) are
+    one hop each for a body smaller than one write: thread hand-offs were most of the CPU per file."""
+    submitted = []
+    for n in (1, 31):
+        sim = await start_sim(count=n, size_min=20_000, size_max=60_000)
+        (tmp_path / str(n)).mkdir()
+        cfg = write_config(tmp_path / str(n), sim.base_url, extra={"sources": {"ids": _ids(sim)}})
+        counting = _CountingExecutor()
+        asyncio.get_running_loop().set_default_executor(counting)
+        result = await _once(cfg)
+        assert result.counts["done"] == n
+        assert archive_files(tmp_path / str(n) / "archive") == _expected(sim)
+        submitted.append(counting.submitted)
+    assert (submitted[1] - submitted[0]) / 30 <= 2.0, submitted   # 8 before, per recording
+
+
+async def test_urls_resolved_ahead_that_expire_while_waiting_are_renewed_not_burnt(start_sim: SimFactory,
+                                                                                    tmp_path: Path) -> None:
+    """Prefetch: one worker, paced transfers and 1-second URLs, so that most URLs resolved ahead age
+    past their refresh margin before their turn: each is renewed before use, no transfer meets an
+    expired URL, and no attempt is burnt (max_attempts 1 would fail the recording)."""
+    sim = await start_sim(count=10, size_min=200_000, size_max=200_000, url_lifetime_s=1.0,
+                          bytes_per_second=1_000_000)
+    cfg = write_config(tmp_path, sim.base_url, extra={
+        "sources": {"ids": _ids(sim)},
+        "downloads": {"workers": 1, "prefetch_urls": 8, "max_attempts": 1, "url_lifetime_s": 1.0,
+                      "url_refresh_margin_s": 0.4}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 10
+    assert archive_files(tmp_path / "archive") == _expected(sim)
+    assert sim.counters.requests["recording/download"] > 10          # some resolved ahead, then renewed
+    assert sum(sim.counters.transfers_completed.values()) == 10     # every transfer had a live URL
+    assert sim.counters.requests["file"] == 10
+    db = LedgerDb(tmp_path / "archive" / ".yeastar-archiver" / "ledger.db")
+    try:
+        assert {r.attempts for r in db.rows()} == {0}
+    finally:
+        db.close()
+
+
+async def test_a_stop_gives_back_the_rows_claimed_ahead(start_sim: SimFactory, tmp_path: Path) -> None:
+    """Rows claimed for prefetching that no worker took yet are pending again after a stop, not left
+    in progress; the next run archives them."""
+    sim = await start_sim(count=40, size_min=20_000, size_max=20_000, bytes_per_second=100_000)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)},
+                                                      "downloads": {"workers": 2, "prefetch_urls": 16}})
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_pipeline(load_config(cfg), stop, once=False))
+    while sum(sim.counters.transfers_completed.values()) < 2:
+        await asyncio.sleep(0.02)
+    stop.set()
+    result = await asyncio.wait_for(task, 30)
+    assert result.counts["in_progress"] == 0 and result.counts["pending"] > 0
+    result = await _once(cfg)
+    assert result.counts["done"] == 40 and archive_files(tmp_path / "archive") == _expected(sim)

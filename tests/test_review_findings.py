@@ -129,6 +129,17 @@ async def test_f5_a_deferred_ledger_write_is_applied_exactly_once_however_many_w
     assert row is not None and (row.state, row.attempts) == ("pending", 1)
 
 
+def _done_in_ledger(path: Path) -> bool:
+    import sqlite3
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    try:
+        return bool(conn.execute("SELECT COUNT(*) FROM recordings WHERE state = 'done'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
 async def test_f18_a_completion_recorded_late_gets_its_sidecar_at_once(start_sim: SimFactory, tmp_path: Path) -> None:
     """Row 27: a committed recording whose ledger update waited for a locked ledger gets its sidecar when
     the update is applied (before: only after the next restart)."""
@@ -159,8 +170,9 @@ async def test_f18_a_completion_recorded_late_gets_its_sidecar_at_once(start_sim
         held["conn"].close()
         sidecar = tmp_path / "archive" / f"{_final(rec)}.json"
         deadline = time.monotonic() + 20
-        while not sidecar.exists():
-            assert time.monotonic() < deadline, "no sidecar while run is still running"
+        # An id row's sidecar goes out with the commit itself, before the ledger: wait for both.
+        while not sidecar.exists() or not _done_in_ledger(cfg.state.path):
+            assert time.monotonic() < deadline, "no sidecar or ledger row while run is still running"
             await asyncio.sleep(0.05)
         stop.set()
         result = await asyncio.wait_for(task, 30)

@@ -251,3 +251,45 @@ def test_lines_appended_to_the_old_file_before_a_rotation_are_not_lost(tmp_path:
     path.write_text("3\n")
     assert tail.poll() + tail.poll() == [Ref(rec_id=2), Ref(rec_id=3)]
     tail.close()
+
+
+def _ino(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def test_a_kept_folder_is_used_again_only_while_it_is_still_at_its_path(tmp_path: Path) -> None:
+    """The folder descriptors kept open for speed keep the walk's guarantees: a day folder swapped for a
+    symlink after its first use is refused, not written through; one deleted or moved away is made
+    again at its path, never written into where it went."""
+    from pathlib import PurePosixPath
+    root = tmp_path / "archive"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = ArchiveDir(root)
+    day = PurePosixPath("2026/12/02")
+    try:
+        first = _ino(archive.open_dir_cached(day))
+        assert _ino(archive.open_dir_cached(day)) == first == (root / "2026/12/02").stat().st_ino
+        # Deleted: made again, at its path.
+        os.rmdir(root / "2026/12/02")
+        again = _ino(archive.open_dir_cached(day))
+        assert again == (root / "2026/12/02").stat().st_ino
+        # Moved out of the archive and replaced by a symlink to where it went: refused.
+        os.rename(root / "2026/12/02", outside / "02")
+        (root / "2026/12/02").symlink_to(outside / "02")
+        with pytest.raises(OSError):
+            archive.open_dir_cached(day)
+        # A month folder swapped for a symlink above a kept day: refused too.
+        os.unlink(root / "2026/12/02")
+        assert _ino(archive.open_dir_cached(day)) == (root / "2026/12/02").stat().st_ino   # kept again
+        os.rename(root / "2026/12", outside / "12")
+        (root / "2026/12").symlink_to(outside / "12")
+        with pytest.raises(OSError):
+            archive.open_dir_cached(day)
+    finally:
+        archive.close()
+    assert not list((outside / "02").iterdir()) and not list((outside / "12" / "02").iterdir())

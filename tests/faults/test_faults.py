@@ -404,8 +404,8 @@ async def test_a_full_disk_under_the_ledger_pauses_every_loop_and_none_dies(faul
             return health.counts.get("done", 0)
         await until(lambda: done() == 3)           # discovery's back-fill found the other two
         filler = disk / "filler"
-        # Unbuffered: the write that fills the disk fails there, and close has nothing left to flush
-        # (a buffered file raised ENOSPC again from close, outside the try).
+        # Unbuffered: a buffered file keeps the bytes of the last short write and raises ENOSPC again
+        # when it is closed, whenever the free space is not a multiple of the write size.
         with filler.open("wb", buffering=0) as f:
             try:
                 while True:
