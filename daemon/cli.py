@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import signal
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--erase", action="store_true",
                         help="also delete the archived copies and sidecars (local and S3) and the call metadata")
     forget.add_argument("--reason", metavar="TEXT", help="why, recorded in the ledger (e.g. a request's reference)")
+    init = command("init", cmd_init, "write a commented starting config and create the archive folder")
+    init.add_argument("--dir", default=".", help="where to write config.yaml [.]")
+    init.add_argument("--archive-dir", metavar="DIR",
+                      help="the archive folder to create and write into the config [<--dir>/archive]")
     command("health", cmd_health, "ask a running `run` whether it is alive (exit 0) or not (exit 1)").add_argument(
         "--url", help="the /livez URL (default: from service.listen in the config)")
     add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))
@@ -868,6 +873,60 @@ def cmd_forget(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     return EXIT_FAILED_ITEMS if problems else EXIT_OK
+
+
+# ---------------------------------------------------------------- init
+def example_config() -> str:
+    """The commented example config shipped inside the package (package data)."""
+    from importlib.resources import files
+    return files("daemon").joinpath("config.example.yaml").read_text(encoding="utf-8")
+
+
+def init_config_text(example: str, *, archive_dir: str, schema_path: Path) -> str:
+    """The example with this installation's archive folder and the installed schema's path. Pure."""
+    lines = example.splitlines(keepends=True)
+    written = "# Written by `yeastar-archiver init`: fill in pbx.base_url, client_id and the secret, then run check.\n"
+    if lines and lines[0].startswith("# yaml-language-server:"):
+        lines[0] = f"# yaml-language-server: $schema={schema_path}\n" + written
+    else:
+        lines.insert(0, written)
+    text = "".join(lines)
+    text, n = re.subn(r"^(archive:\n  dir: )\S+", lambda m: m.group(1) + json.dumps(archive_dir), text,
+                      count=1, flags=re.MULTILINE)
+    if n != 1:   # pragma: no cover - pinned by a test on the shipped example
+        raise ValueError("the example config has no archive.dir line")
+    return text
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Exit 0, or 2 when the config is there already (never overwritten) or a folder cannot be made."""
+    from daemon.archive import ArchiveDir
+    from daemon.schema import SCHEMA_PATH
+    folder = Path(args.dir).resolve()
+    cfg_path = folder / "config.yaml"
+    # Relative paths in a config are relative to its folder; on the command line, to the current one.
+    archive_dir = Path(args.archive_dir).resolve() if args.archive_dir else folder / "archive"
+    archive_text = str(archive_dir) if args.archive_dir else "archive"
+    if cfg_path.exists() or cfg_path.is_symlink():
+        raise ConfigError([f"init: {str(cfg_path)!r} exists: it is never overwritten (move it aside, or choose "
+                           "another --dir)"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a config that appeared meanwhile is not overwritten either. 0600: it may hold a secret.
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(init_config_text(example_config(), archive_dir=archive_text, schema_path=SCHEMA_PATH))
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        archive = ArchiveDir(archive_dir)
+        ident = archive.read_marker() or archive.write_marker()
+    except FileExistsError as exc:
+        raise ConfigError([f"init: {str(cfg_path)!r} exists: it is never overwritten"]) from exc
+    except OSError as exc:
+        raise ConfigError([f"init: cannot write {exc.filename or folder!r}: {exc.strerror or exc}"]) from exc
+    print(f"init: wrote {cfg_path} (mode 0600)")
+    print(f"init: archive folder {archive_dir} (marker {ident})")
+    print(f"init: next: edit the pbx section, then  yeastar-archiver check -c {cfg_path}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- demo

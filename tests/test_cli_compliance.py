@@ -9,17 +9,20 @@ import hashlib
 import json
 import sqlite3
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon.cli import example_config, init_config_text
 from daemon.compliance import parse_day
 from daemon.config import load_config
 from daemon.errors import ConfigError
 from daemon.ledger import DAY_EXPR, LedgerDb, Ref, RunLock
 from daemon.runner import RunResult, run_pipeline
-from tests.conftest import SimFactory, run_cli, write_config
+from tests.conftest import REPO, SimFactory, cli_env, run_cli, write_config
 from tests.s3servers import BUCKET, s3_server
 
 
@@ -345,6 +348,59 @@ async def test_forget_erase_deletes_the_s3_copies_and_reports_a_bucket_that_refu
         assert not list((tmp_path / "archive").rglob(locked.file))   # the local copy went
         record = _forgotten(cfg)[f"id:{locked.id}"]
         assert record["erased_at"] is None and locked_key in record["erase_error"]
+
+
+# ---------------------------------------------------------------- init
+def test_init_writes_a_commented_config_and_the_archive_marker_never_overwriting(tmp_path: Path) -> None:
+    target = tmp_path / "etc"
+    out = run_cli("init", "--dir", str(target))
+    assert out.returncode == 0, out.stderr
+    cfg_path = target / "config.yaml"
+    text = cfg_path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=") and "# Written by `yeastar-archiver init`" in text
+    assert cfg_path.stat().st_mode & 0o777 == 0o600
+    assert (target / "archive" / ".yeastar-archiver" / "archive-id").read_text().strip()
+    cfg = load_config(cfg_path)
+    assert cfg.archive.dir == target / "archive"
+    before = text
+    again = run_cli("init", "--dir", str(target))
+    assert again.returncode == 2 and str(cfg_path) in again.stderr and "never overwritten" in again.stderr
+    assert cfg_path.read_text() == before
+    elsewhere = run_cli("init", "--dir", str(tmp_path / "b"), "--archive-dir", str(tmp_path / "srv"))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert load_config(tmp_path / "b" / "config.yaml").archive.dir == tmp_path / "srv"
+    assert (tmp_path / "srv" / ".yeastar-archiver" / "archive-id").is_file()
+
+
+def test_the_init_template_is_the_shipped_example_with_this_archive() -> None:
+    example = example_config()
+    assert example == (REPO / "config.example.yaml").read_text()
+    text = init_config_text(example, archive_dir="/srv/x", schema_path=Path("/s.json"))
+    assert text.splitlines()[0] == "# yaml-language-server: $schema=/s.json"
+    assert '  dir: "/srv/x"' in text and text.count("\n") == example.count("\n") + 1
+
+
+def test_the_installed_wheel_carries_the_example_config(tmp_path: Path) -> None:
+    """A plain `pip install` finds config.example.yaml: it is package data in the wheel, and `init` run
+    from the installed package (not this checkout) writes it."""
+    out = tmp_path / "dist"
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", build, str(out)], capture_output=True, text=True, cwd=REPO,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = out / done.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("daemon/config.example.yaml") == (REPO / "config.example.yaml").read_bytes()
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
+                          str(wheel)], capture_output=True, text=True, check=False, timeout=120)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    env = cli_env()
+    env["PYTHONPATH"] = str(site)
+    run = subprocess.run([sys.executable, "-m", "daemon", "init", "--dir", str(tmp_path / "new")], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, check=False, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert str(site) in (tmp_path / "new" / "config.yaml").read_text().splitlines()[0]
 
 
 def test_sqlite_supports_the_day_index() -> None:
