@@ -228,7 +228,7 @@ async def test_forgotten_recordings_are_never_fetched_again_by_any_source(start_
     `retry` and `verify` after a lost file: none brings a forgotten recording back; status counts it."""
     sim = await start_sim(count=6)
     recs = sim.recordings
-    kept, erased, never = recs[0], recs[1], recs[5]
+    kept, erased, never, stays = recs[0], recs[1], recs[5], recs[2]
     queue = tmp_path / "queue.txt"
     queue.write_text("".join(f"{r.id}\n" for r in recs) + f"{erased.file}\n{never.file}\n")
     cfg = write_config(tmp_path, sim.base_url, extra={"sources": {
@@ -245,6 +245,8 @@ async def test_forgotten_recordings_are_never_fetched_again_by_any_source(start_
     erase = await _cli("forget", "--erase", erased.file, "--reason", "erasure request #18", "-c", str(cfg))
     assert erase.returncode == 0, erase.stderr
     assert not list(archive.rglob(erased.file)) and not list(archive.rglob(erased.file + ".json"))
+    assert (await _cli("forget", str(stays.id), "-c", str(cfg))).returncode == 0
+    stays_path = next(archive.rglob(stays.file))
     kept_path = next(archive.rglob(kept.file))
     kept_path.unlink()                                        # verify must not re-queue it
     assert (await _cli("enqueue", str(erased.id), erased.file, "-c", str(cfg))).stdout.startswith("enqueue: 0 added")
@@ -252,16 +254,18 @@ async def test_forgotten_recordings_are_never_fetched_again_by_any_source(start_
     await _cli("verify", "-c", str(cfg))
     again = await _once(cfg)
     assert again.stats.downloaded == 0
+    # Forgotten without --erase: its file stays, known to the ledger (not "untracked"), and is not verified.
+    assert stays_path.read_bytes() == sim.content(stays) and again.reconcile.untracked == 0
     assert not kept_path.exists() and not list(archive.rglob(erased.file)) and not list(archive.rglob(never.file))
     status = json.loads((await _cli("status", "--json", "-c", str(cfg))).stdout)
-    assert status["counts"]["done"] == 3 and status["counts"]["pending"] == 0
+    assert status["counts"]["done"] == 2 and status["counts"]["pending"] == 0
     db = _db(cfg)
     try:
         forgotten = {r.key for r in db.rows("forgotten")}
     finally:
         db.close()
     # The queue file's name line for `never` became a row of its own, forgotten when its name was told.
-    assert forgotten - {f"file:{never.file}"} == {f"id:{r.id}" for r in (kept, erased, never)}
+    assert forgotten - {f"file:{never.file}"} == {f"id:{r.id}" for r in (kept, erased, never, stays)}
     assert status["counts"]["forgotten"] == len(forgotten)
     record = _forgotten(cfg)
     assert record[f"id:{erased.id}"]["reason"] == "erasure request #18"
