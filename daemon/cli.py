@@ -591,7 +591,7 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
         while True:
             finished = await sleep_or_stop(SystemClock(), every, done)
             counts = await pipeline.ledger.call(lambda db: db.counts())
-            total = sum(counts.values())
+            total = sum(counts.values()) - counts.get("forgotten", 0)   # never to be fetched: not work left
             ended = counts["done"] + counts["missing"] + counts["failed"]
             megabytes = pipeline.downloader.bytes_downloaded / 1e6
             elapsed = max(loop.time() - started, 1e-6)
