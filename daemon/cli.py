@@ -131,10 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--erase", action="store_true",
                         help="also delete the archived copies and sidecars (local and S3) and the call metadata")
     forget.add_argument("--reason", metavar="TEXT", help="why, recorded in the ledger (e.g. a request's reference)")
+    for p, epilog in (
+        (find, "exit codes: 0 (also when nothing matches), 2 bad filter or config\n"
+               "example: yeastar-archiver find --caller +4930 --since 2024-03-01 --until 2024-03-31 --json"),
+        (export, "exit codes: 0 all exported, 1 any could not be (each named), 2 bad filter or config\n"
+                 "example: yeastar-archiver export --to /mnt/request-17 --caller +4930 --since 2024-03-01"),
+        (forget, "exit codes: 0 done, 1 a deletion failed or a run holds the ledger (run it again), 2 bad REF or "
+                 "config\nexample: yeastar-archiver forget 1727 --erase --reason 'erasure request 17'"),
+    ):
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = epilog
     init = command("init", cmd_init, "write a commented starting config and create the archive folder")
     init.add_argument("--dir", default=".", help="where to write config.yaml [.]")
     init.add_argument("--archive-dir", metavar="DIR",
                       help="the archive folder to create and write into the config [<--dir>/archive]")
+    init.formatter_class = argparse.RawDescriptionHelpFormatter
+    init.epilog = ("exit codes: 0 written, 2 the config exists already (never overwritten) or cannot be written\n"
+                   "example: yeastar-archiver init --dir /etc/yeastar-archiver --archive-dir /srv/recordings")
     command("health", cmd_health, "ask a running `run` whether it is alive (exit 0) or not (exit 1)").add_argument(
         "--url", help="the /livez URL (default: from service.listen in the config)")
     add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))

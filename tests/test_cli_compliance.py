@@ -415,3 +415,10 @@ def test_sqlite_supports_the_day_index() -> None:
     day = f"SELECT {DAY_EXPR} FROM recordings ORDER BY 1"  # noqa: S608 - a constant
     assert [r[0] for r in conn.execute(day)] == ["2023-12-31",
                                                                                              "2024-01-02"]
+
+
+@pytest.mark.parametrize("command", ["find", "export", "forget", "init"])
+def test_each_new_command_s_help_gives_its_exit_codes_and_an_example(command: str) -> None:
+    out = run_cli(command, "--help")
+    assert out.returncode == 0 and "exit codes: 0" in out.stdout
+    assert f"example: yeastar-archiver {command}" in out.stdout
