@@ -834,7 +834,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     from daemon.archive import ArchiveDir
     from daemon.compliance import EraseResult, erase_copies, erase_local, who
-    from daemon.ledger import RunLock, check_state_access
+    from daemon.ledger import Ref, RunLock, check_state_access
     cfg = _load(args)
     refs = _parse_refs(args.refs)
     check_state_access(cfg.state.path, write=True)
@@ -845,6 +845,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     try:
         with _ledger(cfg) as db:
             keys = list(dict.fromkeys(k for ref in refs for k in (db.keys_for(ref) or [ref.key])))
+            # A row for the same recording by its name (not merged into its id row yet) goes too.
+            names = [row.file for row in map(db.get, keys) if row is not None and row.file]
+            keys = list(dict.fromkeys(keys + [k for name in names for k in db.keys_for(Ref(file=name))]))
             fresh = db.forget(keys, by=by, reason=args.reason, now=now)
             print(f"forget: {len(fresh)} recording(s) forgotten, {len(keys) - len(fresh)} already were; "
                   f"recorded as {by}")

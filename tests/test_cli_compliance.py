@@ -422,3 +422,20 @@ def test_each_new_command_s_help_gives_its_exit_codes_and_an_example(command: st
     out = run_cli(command, "--help")
     assert out.returncode == 0 and "exit codes: 0" in out.stdout
     assert f"example: yeastar-archiver {command}" in out.stdout
+
+
+def test_forget_by_id_also_forgets_a_row_for_it_by_name(tmp_path: Path) -> None:
+    """A recording can have two rows for a while (its id, and its name from an event): forget by id
+    forgets both, so that the name row is not archived (or exported) under the other key."""
+    cfg = write_config(tmp_path, "https://127.0.0.1:9")
+    db = _db(cfg)
+    try:
+        with db.write() as c:
+            c.execute("INSERT INTO recordings (key, rec_id, file, state) VALUES ('id:9', 9, 'n.wav', 'pending')")
+            c.execute("INSERT INTO recordings (key, rec_id, file, state) VALUES ('file:n.mp3', NULL, 'n.mp3', "
+                      "'pending')")
+    finally:
+        db.close()
+    out = run_cli("forget", "9", "-c", str(cfg))
+    assert out.returncode == 0 and "2 recording(s) forgotten" in out.stdout, out.stderr
+    assert set(_forgotten(cfg)) == {"id:9", "file:n.mp3"}
