@@ -755,6 +755,9 @@ class LedgerDb:
                 row = c.execute("SELECT state, file, rec_id FROM recordings WHERE key = ?", (key,)).fetchone()
                 if row is not None and row["state"] == FORGOTTEN:
                     continue
+                if row is None and key.startswith("file:") and c.execute(
+                        "SELECT 1 FROM forgotten WHERE name_hash = ?", (name_hash(key[5:]),)).fetchone():
+                    continue   # erased already: its row is keyed by the name's hash now
                 if row is None:
                     rec_id = int(key[3:]) if key.startswith("id:") and key[3:].isdigit() else None
                     file = key[5:] if key.startswith("file:") else None
@@ -791,6 +794,14 @@ class LedgerDb:
             c.executemany("DELETE FROM copies WHERE key = ? AND dest = ?", [(key, d) for d in copies_gone])
             c.execute("UPDATE forgotten SET forgotten_by = ?, reason = COALESCE(?, reason), erased_at = ?, "
                       "erase_error = ? WHERE key = ?", (by, reason, None if error else now, error, key))
+            if key.startswith("file:") and not error:
+                # A row keyed by its file name would keep the name (and the numbers in it): the key
+                # becomes the name's hash, which still refuses the name (``_refused``).
+                hashed = f"erased:{name_hash(key[5:])}"
+                c.execute("UPDATE forgotten SET key = ?, name_hash = COALESCE(name_hash, ?) WHERE key = ?",
+                          (hashed, name_hash(key[5:]), key))
+                c.execute("UPDATE copies SET key = ? WHERE key = ?", (hashed, key))
+                c.execute("UPDATE recordings SET key = ? WHERE key = ?", (hashed, key))
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)

@@ -439,3 +439,24 @@ def test_forget_by_id_also_forgets_a_row_for_it_by_name(tmp_path: Path) -> None:
     out = run_cli("forget", "9", "-c", str(cfg))
     assert out.returncode == 0 and "2 recording(s) forgotten" in out.stdout, out.stderr
     assert set(_forgotten(cfg)) == {"id:9", "file:n.mp3"}
+
+
+def test_erasing_a_row_keyed_by_its_name_keeps_only_the_name_s_hash(tmp_path: Path) -> None:
+    """A recording known only by its file name (the queue, an event): after the erasure the ledger no
+    longer holds the name (it holds phone numbers), yet the name is still refused, and forgetting it
+    again changes nothing."""
+    name = "20240301090000-1709283600.0-+4930111-2001-Inbound.wav"
+    db = LedgerDb(tmp_path / "ledger.db")
+    try:
+        db.enqueue([Ref(file=name)], source="event", now=1.0)
+        assert db.forget([f"file:{name}"], by="test", reason="gdpr", now=2.0) == [f"file:{name}"]
+        db.erased(f"file:{name}", by="test", reason=None, now=3.0, error=None, local_gone=True, copies_gone=[])
+        assert "+4930111" not in "\n".join(db.conn.iterdump())
+        assert [r.state for r in db.rows()] == ["forgotten"]
+        assert db.enqueue([Ref(file=name)], source="event", now=4.0) == 0
+        assert db.enqueue_many([Ref(file=name)], source="queue", now=4.0) == 0
+        assert db.forget([f"file:{name}"], by="test", reason=None, now=5.0) == []
+        (record,) = db.conn.execute("SELECT * FROM forgotten").fetchall()
+        assert record["reason"] == "gdpr" and record["erased_at"] == 3.0
+    finally:
+        db.close()
