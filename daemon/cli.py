@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import signal
@@ -117,12 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="one JSON object")
     verify.add_argument("--read-data", action="store_true", help="read S3 objects back in full (not only HEAD)")
     verify.add_argument("refs", nargs="*", metavar="REF", help="only these recordings (ids or file names)")
+    find = command("find", cmd_find, "search the ledger's metadata: one line per recording")
+    add_find_filters(find)
+    find.add_argument("--json", action="store_true",
+                      help="JSON Lines: one JSON object per line, per recording (not one list)")
+    export = command("export", cmd_export, "copy matching archived recordings and their sidecars into a folder")
+    export.add_argument("--to", required=True, metavar="DIR",
+                        help="where to copy them (under their archive path); nothing there is overwritten")
+    add_find_filters(export)
+    forget = command("forget", cmd_forget, "never fetch these recordings again (--erase: and delete them)")
+    forget.add_argument("refs", nargs="+", metavar="REF", help="a numeric id, or a file name ending .wav/.mp3")
+    forget.add_argument("--erase", action="store_true",
+                        help="also delete the archived copies and sidecars (local and S3) and the call metadata")
+    forget.add_argument("--reason", metavar="TEXT", help="why, recorded in the ledger (e.g. a request's reference)")
+    for p, epilog in (
+        (find, "exit codes: 0 (also when nothing matches), 2 bad filter or config\n"
+               "example: yeastar-archiver find --caller +4930 --since 2024-03-01 --until 2024-03-31 --json"),
+        (export, "exit codes: 0 all exported, 1 any could not be (each named), 2 bad filter or config\n"
+                 "example: yeastar-archiver export --to /mnt/request-17 --caller +4930 --since 2024-03-01"),
+        (forget, "exit codes: 0 done, 1 a deletion failed or a run holds the ledger (run it again), 2 bad REF or "
+                 "config\nexample: yeastar-archiver forget 1727 --erase --reason 'erasure request 17'"),
+    ):
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = epilog
+    init = command("init", cmd_init, "write a commented starting config and create the archive folder")
+    init.add_argument("--dir", default=".", help="where to write config.yaml [.]")
+    init.add_argument("--archive-dir", metavar="DIR",
+                      help="the archive folder to create and write into the config [<--dir>/archive]")
+    init.formatter_class = argparse.RawDescriptionHelpFormatter
+    init.epilog = ("exit codes: 0 written, 2 the config exists already (never overwritten) or cannot be written\n"
+                   "example: yeastar-archiver init --dir /etc/yeastar-archiver --archive-dir /srv/recordings")
     command("health", cmd_health, "ask a running `run` whether it is alive (exit 0) or not (exit 1)").add_argument(
         "--url", help="the /livez URL (default: from service.listen in the config)")
     add_simulator_args(command("simulate", cmd_simulate, "serve the bundled Yeastar P-Series simulator"))
     command("demo", cmd_demo, "zero-setup tour against the bundled simulator").add_argument(
         "--dir", default="yeastar-archiver-demo", help="where to write the demo config and archive")
     return parser
+
+
+def add_find_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", metavar="DATE", help="recorded on or after DATE (YYYY-MM-DD)")
+    p.add_argument("--until", metavar="DATE", help="recorded on or before DATE (YYYY-MM-DD)")
+    p.add_argument("--caller", metavar="X", help="call_from contains X (a number or a name)")
+    p.add_argument("--callee", metavar="X", help="call_to contains X (a number or a name)")
+    p.add_argument("--call-type", metavar="T", help="Inbound, Outbound, Internal, ... (any case)")
+    p.add_argument("--state", metavar="S", help="pending, done, failed, missing, copying, forgotten, ...")
 
 
 def add_simulator_args(p: argparse.ArgumentParser) -> None:
@@ -567,7 +607,7 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
         while True:
             finished = await sleep_or_stop(SystemClock(), every, done)
             counts = await pipeline.ledger.call(lambda db: db.counts())
-            total = sum(counts.values())
+            total = sum(counts.values()) - counts.get("forgotten", 0)   # never to be fetched: not work left
             ended = counts["done"] + counts["missing"] + counts["failed"]
             megabytes = pipeline.downloader.bytes_downloaded / 1e6
             elapsed = max(loop.time() - started, 1e-6)
@@ -720,6 +760,191 @@ def cmd_retry(args: argparse.Namespace) -> int:
     with _ledger(cfg) as db:
         n = db.retry(keys, now=time.time())
     print(f"retry: {n} recording(s) back to pending")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- find / export / forget
+def _filters(args: argparse.Namespace) -> Any:
+    from daemon.compliance import Filters, parse_day
+    from daemon.ledger import STATES
+    if args.state is not None and args.state not in STATES:
+        raise ConfigError([f"--state: {args.state!r} is not one of {', '.join(STATES)}"])
+    return Filters(since=None if args.since is None else parse_day(args.since, "--since"),
+                   until=None if args.until is None else parse_day(args.until, "--until"),
+                   caller=args.caller, callee=args.callee, call_type=args.call_type, state=args.state)
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    """Read-only, like status: works beside a running `run`. Exit 0 (also when nothing matches)."""
+    from daemon.compliance import find, row_json, row_line
+    cfg = _load(args)
+    filters = _filters(args)
+    if not cfg.state.path.exists():
+        _err(f"find: no ledger at {str(cfg.state.path)!r} (state.path) yet: nothing archived")
+        return EXIT_OK
+    with _ledger(cfg, read_only=True) as db:
+        for row in find(db, filters):
+            print(json.dumps(row_json(row, cfg.archive.dir)) if args.json else row_line(row, cfg.archive.dir))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Exit 0 when every matching archived recording is in DIR, 1 when any could not be exported."""
+    import asyncio
+
+    from daemon.archive import ArchiveDir
+    from daemon.compliance import export, find
+    from daemon.ledger import ARCHIVED
+    cfg = _load(args)
+    filters = _filters(args)
+    to = Path(args.to).resolve()
+    root = cfg.archive.dir.resolve()
+    if to == root or root in to.parents:
+        raise ConfigError([f"export --to {args.to!r} is inside archive.dir {str(root)!r}: choose a folder outside it"])
+    if not cfg.state.path.exists():
+        _err(f"export: no ledger at {str(cfg.state.path)!r} (state.path) yet: nothing archived")
+        return EXIT_OK
+    archive = ArchiveDir(cfg.archive.dir)
+
+    async def main(db: LedgerDb) -> Any:
+        rows = list(find(db, filters, states=() if filters.state else ARCHIVED))
+        if cfg.archive.s3 is None or all(r.local_kept for r in rows):
+            return await export(db, archive, rows, to, None)
+        from daemon.destinations import S3Destination
+        async with S3Destination(cfg.archive.s3) as dest:
+            return await export(db, archive, rows, to, dest)
+    with _ledger(cfg, read_only=True) as db:
+        try:
+            report = asyncio.run(main(db))
+        except ArchiverError as exc:
+            _err(f"export: S3 not usable: {exc}")
+            return EXIT_FAILED_ITEMS
+    for path in report.copied:
+        print(f"export: copied {path}")
+    for path in report.skipped:
+        print(f"export: already there (identical) {path}")
+    for problem in report.problems:
+        _err(f"export: FAILED: {problem}")
+    print(f"export: {len(report.copied)} copied, {len(report.skipped)} already there, "
+          f"{len(report.problems)} not exported, into {to}")
+    return EXIT_FAILED_ITEMS if report.problems else EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Exit 0 when every recording is forgotten (and, --erase, erased), 1 when a deletion failed (run it
+    again: what is gone stays gone), 1 too while a run/once holds the ledger (it could be fetching one)."""
+    import asyncio
+
+    from daemon.archive import ArchiveDir
+    from daemon.compliance import EraseResult, erase_copies, erase_local, who
+    from daemon.ledger import Ref, RunLock, check_state_access
+    cfg = _load(args)
+    refs = _parse_refs(args.refs)
+    check_state_access(cfg.state.path, write=True)
+    lock = RunLock(cfg.state.path)
+    lock.acquire()   # StorageError (exit 1) while a run holds the ledger: it may be fetching one of these
+    by, now = who(), time.time()
+    problems = 0
+    try:
+        with _ledger(cfg) as db:
+            keys = list(dict.fromkeys(k for ref in refs for k in (db.keys_for(ref) or [ref.key])))
+            # A row for the same recording by its name (not merged into its id row yet) goes too.
+            names = [row.file for row in map(db.get, keys) if row is not None and row.file]
+            keys = list(dict.fromkeys(keys + [k for name in names for k in db.keys_for(Ref(file=name))]))
+            fresh = db.forget(keys, by=by, reason=args.reason, now=now)
+            print(f"forget: {len(fresh)} recording(s) forgotten, {len(keys) - len(fresh)} already were; "
+                  f"recorded as {by}")
+            if not args.erase:
+                return EXIT_OK
+            archive = ArchiveDir(cfg.archive.dir)
+
+            async def erase_all() -> int:
+                failed = 0
+                dest = None
+                async with contextlib.AsyncExitStack() as stack:
+                    if cfg.archive.s3 is not None and any(db.copies_of(k) for k in keys):
+                        from daemon.destinations import S3Destination
+                        dest = await stack.enter_async_context(S3Destination(cfg.archive.s3))
+                    for key in keys:
+                        row = db.get(key)
+                        if row is None:
+                            continue
+                        local = erase_local(archive, row) if cfg.archive.dir.is_dir() else EraseResult(
+                            problems=[f"archive.dir {str(cfg.archive.dir)!r} is not there (unmounted?)"]
+                            if row.final_path and row.local_kept else [])
+                        remote, gone = await erase_copies(db, row, dest)
+                        for path in local.deleted + remote.deleted:
+                            print(f"forget: deleted {path}")
+                        errors = local.problems + remote.problems
+                        for problem in errors:
+                            _err(f"forget: FAILED: {row.ref}: {problem}")
+                        db.erased(key, by=by, reason=args.reason, now=time.time(), error="; ".join(errors) or None,
+                                  local_gone=not local.problems, copies_gone=gone)
+                        failed += bool(errors)
+                return failed
+            try:
+                problems = asyncio.run(erase_all())
+            except ArchiverError as exc:
+                _err(f"forget: S3 not usable, nothing deleted there: {exc}; the recordings stay forgotten: "
+                     "run forget --erase again")
+                return EXIT_FAILED_ITEMS
+            print(f"forget: {len(keys) - problems} erased, {problems} not completely (see above; run again)")
+    finally:
+        lock.release()
+    return EXIT_FAILED_ITEMS if problems else EXIT_OK
+
+
+# ---------------------------------------------------------------- init
+def example_config() -> str:
+    """The commented example config shipped inside the package (package data)."""
+    from importlib.resources import files
+    return files("daemon").joinpath("config.example.yaml").read_text(encoding="utf-8")
+
+
+def init_config_text(example: str, *, archive_dir: str, schema_path: Path) -> str:
+    """The example with this installation's archive folder and the installed schema's path. Pure."""
+    lines = example.splitlines(keepends=True)
+    written = "# Written by `yeastar-archiver init`: fill in pbx.base_url, client_id and the secret, then run check.\n"
+    if lines and lines[0].startswith("# yaml-language-server:"):
+        lines[0] = f"# yaml-language-server: $schema={schema_path}\n" + written
+    else:
+        lines.insert(0, written)
+    text = "".join(lines)
+    text, n = re.subn(r"^(archive:\n  dir: )\S+", lambda m: m.group(1) + json.dumps(archive_dir), text,
+                      count=1, flags=re.MULTILINE)
+    if n != 1:   # pragma: no cover - pinned by a test on the shipped example
+        raise ValueError("the example config has no archive.dir line")
+    return text
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Exit 0, or 2 when the config is there already (never overwritten) or a folder cannot be made."""
+    from daemon.archive import ArchiveDir
+    from daemon.schema import SCHEMA_PATH
+    folder = Path(args.dir).resolve()
+    cfg_path = folder / "config.yaml"
+    # Relative paths in a config are relative to its folder; on the command line, to the current one.
+    archive_dir = Path(args.archive_dir).resolve() if args.archive_dir else folder / "archive"
+    archive_text = str(archive_dir) if args.archive_dir else "archive"
+    if cfg_path.exists() or cfg_path.is_symlink():
+        raise ConfigError([f"init: {str(cfg_path)!r} exists: it is never overwritten (move it aside, or choose "
+                           "another --dir)"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a config that appeared meanwhile is not overwritten either. 0600: it may hold a secret.
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(init_config_text(example_config(), archive_dir=archive_text, schema_path=SCHEMA_PATH))
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        archive = ArchiveDir(archive_dir)
+        ident = archive.read_marker() or archive.write_marker()
+    except FileExistsError as exc:
+        raise ConfigError([f"init: {str(cfg_path)!r} exists: it is never overwritten"]) from exc
+    except OSError as exc:
+        raise ConfigError([f"init: cannot write {exc.filename or folder!r}: {exc.strerror or exc}"]) from exc
+    print(f"init: wrote {cfg_path} (mode 0600)")
+    print(f"init: archive folder {archive_dir} (marker {ident})")
+    print(f"init: next: edit the pbx section, then  yeastar-archiver check -c {cfg_path}")
     return EXIT_OK
 
 

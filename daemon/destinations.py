@@ -503,6 +503,36 @@ class S3Destination:
                                           CopySource={"Bucket": self.cfg.bucket, "Key": key})
 
 
+    async def erase(self, key: str) -> int:
+        """Delete every version of the object at ``key`` (an erasure: a delete marker alone would leave
+        the bytes in a versioned bucket). Returns how many versions went. Raises the archiver's errors;
+        a bucket that refuses (Object Lock retention, a legal hold, a policy) is DestinationRefusedError
+        or PermanentError, naming the key."""
+        import botocore.exceptions as bce
+        versions: list[str | None] = []
+        with translate_s3_errors(f"list versions of {key!r}"):
+            try:
+                answer = await self.client.list_object_versions(Bucket=self.cfg.bucket, Prefix=key)
+                versions = [str(v.get("VersionId")) for part in ("Versions", "DeleteMarkers")
+                            for v in answer.get(part) or [] if v.get("Key") == key]
+            except bce.ClientError as exc:
+                # A server without versions (some S3-compatible ones) answers NotImplemented: one delete.
+                if exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "501"):
+                    raise
+                versions = [None]
+        if not versions and await self.head(key) is not None:
+            versions = [None]
+        for version in versions:
+            with translate_s3_errors(f"delete {key!r}"):
+                if version is None:
+                    await self.client.delete_object(Bucket=self.cfg.bucket, Key=key)
+                else:
+                    await self.client.delete_object(Bucket=self.cfg.bucket, Key=key, VersionId=version)
+        if await self.head(key) is not None:
+            raise PermanentError(f"S3 delete {key!r}: the object is still there after its delete")
+        return len(versions)
+
+
 def _b64_sha256(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 

@@ -21,7 +21,9 @@ from typing import Any, Generic, TypeVar
 
 from daemon.errors import ConfigError, LedgerError, StorageError
 
-STATES = ("pending", "in_progress", "done", "failed", "missing", "copying")
+STATES = ("pending", "in_progress", "done", "failed", "missing", "copying", "forgotten")
+# "forgotten" (``forget``): never fetched again by any source; the ``forgotten`` table says who, when, why.
+FORGOTTEN = "forgotten"
 # Archived on the local disk: "copying" waits for its off-box copies (archive.s3) before it is "done".
 ARCHIVED = ("done", "copying")
 FILE_MODE = 0o600          # the ledger holds callers' names and numbers
@@ -64,7 +66,31 @@ CREATE TABLE IF NOT EXISTS copies (
     PRIMARY KEY (key, dest)
 );
 CREATE INDEX IF NOT EXISTS copies_due ON copies(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS forgotten (
+    key TEXT PRIMARY KEY,
+    name_hash TEXT,
+    forgotten_at REAL NOT NULL,
+    forgotten_by TEXT NOT NULL,
+    reason TEXT,
+    erased_at REAL,
+    erase_error TEXT
+);
+CREATE INDEX IF NOT EXISTS forgotten_name ON forgotten(name_hash);
+CREATE INDEX IF NOT EXISTS recordings_day ON recordings(DAY_EXPR);
+CREATE INDEX IF NOT EXISTS recordings_from ON recordings(call_from);
+CREATE INDEX IF NOT EXISTS recordings_to ON recordings(call_to);
 """
+
+# The recording's day, YYYY-MM-DD, for ``find``: from the PBX's ``time`` (``MM/DD/YYYY hh:mm:ss``, or ISO),
+# else from the file name's YYYYMMDD prefix. The same expression backs an index (``recordings_day``): a
+# query must spell it exactly so for SQLite to use that index.
+DAY_EXPR = (
+    "CASE WHEN time GLOB '[0-9][0-9]/[0-9][0-9]/[0-9][0-9][0-9][0-9]*' "
+    "THEN substr(time, 7, 4) || '-' || substr(time, 1, 2) || '-' || substr(time, 4, 2) "
+    "WHEN time GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' THEN substr(time, 1, 10) "
+    "WHEN file GLOB '[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]*' "
+    "THEN substr(file, 1, 4) || '-' || substr(file, 5, 2) || '-' || substr(file, 7, 2) END")
+SCHEMA = SCHEMA.replace("DAY_EXPR", DAY_EXPR)
 
 MIGRATIONS = (("part_sha256", "TEXT"), ("local_kept", "INTEGER NOT NULL DEFAULT 1"))
 
@@ -80,6 +106,14 @@ def name_variants(name: str) -> tuple[str, str, str]:
         stem = name[:-4]
         return name, f"{stem}.wav", f"{stem}.mp3"
     return name, name, name
+
+
+def name_hash(name: str) -> str:
+    """What the ledger keeps of an erased recording's file name: enough to refuse the name again (an
+    event, the queue file), not the name (which may hold phone numbers). Every variant hashes alike."""
+    import hashlib
+    stem = name[:-4] if name.lower().endswith((".wav", ".mp3")) else name
+    return hashlib.sha256(stem.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _STEM = ("(CASE WHEN lower({c}) LIKE '%.wav' OR lower({c}) LIKE '%.mp3' THEN substr({c}, 1, length({c}) - 4) "
@@ -314,6 +348,8 @@ class LedgerDb:
         added = 0
         with self.write() as c:
             for ref in refs:
+                if self._refused(c, ref):
+                    continue
                 meta = dict(ref.meta)
                 if ref.rec_id is None and ref.file is not None:
                     known = c.execute("SELECT 1 FROM recordings WHERE file IN (?, ?, ?) LIMIT 1",
@@ -365,6 +401,23 @@ class LedgerDb:
         return added
 
     @staticmethod
+    def _refused(c: sqlite3.Connection, ref: Ref) -> bool:
+        """Was this recording forgotten (``forget``), by its key or by its name? A forgotten id that now
+        comes with its name (a listing) has the name remembered too, so that an event naming it is
+        refused as well."""
+        row = c.execute("SELECT state FROM recordings WHERE key = ?", (ref.key,)).fetchone()
+        if row is not None and row["state"] == FORGOTTEN:
+            if ref.file:
+                c.execute("UPDATE forgotten SET name_hash = COALESCE(name_hash, ?) WHERE key = ?",
+                          (name_hash(ref.file), ref.key))
+            return True
+        if ref.file is None:
+            return False
+        return c.execute("SELECT 1 FROM forgotten WHERE name_hash = ? UNION ALL SELECT 1 FROM recordings WHERE "
+                         "file IN (?, ?, ?) AND state = 'forgotten' LIMIT 1",
+                         (name_hash(ref.file), *name_variants(ref.file))).fetchone() is not None
+
+    @staticmethod
     def _insert_done_copy(c: sqlite3.Connection, ref: Ref, done: sqlite3.Row, *, source: str, now: float) -> None:
         """An id row that takes over what its name row already archived (no second transfer)."""
         meta = dict(ref.meta)
@@ -395,10 +448,12 @@ class LedgerDb:
             ids = [(r.key, r.rec_id, r.file, source, now, now) for r in refs if r.rec_id is not None]
             c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
                           "updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)", ids)
-            names = [(r.key, r.file, source, now, now, *name_variants(str(r.file))) for r in refs if r.rec_id is None]
+            names = [(r.key, r.file, source, now, now, *name_variants(str(r.file)), name_hash(str(r.file)))
+                     for r in refs if r.rec_id is None]
             c.executemany("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, source, created_at, "
                           "updated_at) SELECT ?, NULL, ?, 'pending', ?, ?, ? WHERE NOT EXISTS "
-                          "(SELECT 1 FROM recordings WHERE file IN (?, ?, ?))", names)
+                          "(SELECT 1 FROM recordings WHERE file IN (?, ?, ?)) AND NOT EXISTS "
+                          "(SELECT 1 FROM forgotten WHERE name_hash = ?)", names)
             return c.total_changes - before
 
     # ---------------------------------------------------------------- the scheduler's moves
@@ -459,8 +514,9 @@ class LedgerDb:
         """The common case (a known name, no twin) is answered by a read: no transaction, no fsync."""
         me = self.conn.execute("SELECT state, file FROM recordings WHERE key = ?", (key,)).fetchone()
         if me is not None and me["state"] not in ARCHIVED and me["file"] is not None and self.conn.execute(
-                "SELECT 1 FROM recordings WHERE file IN (?, ?, ?) AND key != ? LIMIT 1",
-                (*name_variants(served), key)).fetchone() is None:
+                "SELECT 1 FROM recordings WHERE file IN (?, ?, ?) AND key != ? UNION ALL "
+                "SELECT 1 FROM forgotten WHERE name_hash = ? LIMIT 1",
+                (*name_variants(served), key, name_hash(served))).fetchone() is None:
             return "proceed", None
         return None
 
@@ -470,6 +526,18 @@ class LedgerDb:
             return "gone", None
         if me["state"] in ARCHIVED:
             return "done", _row(me)
+        if self._refused(c, Ref(file=served)):
+            # Forgotten under its name (``forget``): this row is that recording, forgotten too.
+            forgotten = c.execute("SELECT f.* FROM forgotten f LEFT JOIN recordings r ON r.key = f.key WHERE "
+                                  "f.name_hash = ? OR r.file IN (?, ?, ?) LIMIT 1",
+                                  (name_hash(served), *name_variants(served))).fetchone()
+            if forgotten is not None:
+                c.execute("UPDATE recordings SET state = 'forgotten', lease_until = NULL, part_path = NULL, "
+                          "part_synced = 0, updated_at = ? WHERE key = ?", (forgotten["forgotten_at"], key))
+                c.execute("INSERT OR IGNORE INTO forgotten (key, name_hash, forgotten_at, forgotten_by, reason) "
+                          "VALUES (?, ?, ?, ?, ?)", (key, name_hash(served), forgotten["forgotten_at"],
+                                                     forgotten["forgotten_by"], forgotten["reason"]))
+            return "gone", None
         if me["file"] is None:
             c.execute("UPDATE recordings SET file = ? WHERE key = ?", (served, key))
         twins = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE file IN (?, ?, ?) AND key != ? "
@@ -528,7 +596,8 @@ class LedgerDb:
                         continue
                 else:
                     for gone in c.execute("SELECT key FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
-                                          "state != 'in_progress'", name_variants(row["file"])).fetchall():
+                                          "state NOT IN ('in_progress', 'forgotten')",
+                                          name_variants(row["file"])).fetchall():
                         c.execute("DELETE FROM copies WHERE key = ?", (gone["key"],))
                         c.execute("DELETE FROM recordings WHERE key = ?", (gone["key"],))
                 out.append(row["rec_id"])
@@ -664,6 +733,95 @@ class LedgerDb:
             return sum(c.execute(sql + " AND key = ?", (now, k)).rowcount +
                        c.execute(copies + " AND key = ?", (now, k)).rowcount for k in keys)
 
+    def search(self, *, since: str | None = None, until: str | None = None, caller: str | None = None,
+               callee: str | None = None, call_type: str | None = None, state: str | None = None,
+               states: Iterable[str] = ()) -> Iterator[Row]:
+        """The rows matching every filter given (``find``, ``export``), oldest day first. ``since``/
+        ``until``: YYYY-MM-DD, inclusive, on the recording's day (``DAY_EXPR``, indexed); ``caller``/
+        ``callee``: a part of ``call_from``/``call_to`` (the PBX gives ``Name<number>``), as the PBX's own
+        search matches; ``call_type``: exact, any case; ``state``/``states``: exact."""
+        where, params = [], []
+        if since is not None:
+            where.append(f"({DAY_EXPR}) >= ?")
+            params.append(since)
+        if until is not None:
+            where.append(f"({DAY_EXPR}) <= ?")
+            params.append(until)
+        for column, text in (("call_from", caller), ("call_to", callee)):
+            if text is not None:
+                where.append(f"instr({column}, ?) > 0")
+                params.append(text)
+        if call_type is not None:
+            where.append("lower(call_type) = lower(?)")
+            params.append(call_type)
+        wanted = ([state] if state is not None else []) + list(states)
+        if wanted:
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        sql = (f"SELECT {_ROW_COLUMNS}, ({DAY_EXPR}) AS day FROM recordings"
+               + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY ({DAY_EXPR}), time, rowid")
+        for r in self.conn.execute(sql, params):
+            yield _row(r)
+
+    def forget(self, keys: list[str], *, by: str, reason: str | None, now: float) -> list[str]:
+        """Never fetch these recordings again: their rows (made when the ledger does not know them yet)
+        become ``forgotten``, and who, when and why goes into the ``forgotten`` table. Whatever was
+        archived stays where it is, and its row keeps its path, size and sha256 (``erase`` removes
+        them). Returns the keys newly forgotten."""
+        out = []
+        with self.write() as c:
+            for key in keys:
+                row = c.execute("SELECT state, file, rec_id FROM recordings WHERE key = ?", (key,)).fetchone()
+                if row is not None and row["state"] == FORGOTTEN:
+                    continue
+                if row is None and key.startswith("file:") and c.execute(
+                        "SELECT 1 FROM forgotten WHERE name_hash = ?", (name_hash(key[5:]),)).fetchone():
+                    continue   # erased already: its row is keyed by the name's hash now
+                if row is None:
+                    rec_id = int(key[3:]) if key.startswith("id:") and key[3:].isdigit() else None
+                    file = key[5:] if key.startswith("file:") else None
+                    c.execute("INSERT INTO recordings (key, rec_id, file, state, source, created_at, updated_at) "
+                              "VALUES (?, ?, ?, 'forgotten', 'forget', ?, ?)", (key, rec_id, file, now, now))
+                else:
+                    file = row["file"]
+                    c.execute("UPDATE recordings SET state = 'forgotten', lease_until = NULL, part_path = NULL, "
+                              "part_synced = 0, updated_at = ? WHERE key = ?", (now, key))
+                c.execute("INSERT INTO forgotten (key, name_hash, forgotten_at, forgotten_by, reason) VALUES "
+                          "(?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET forgotten_at = excluded.forgotten_at, "
+                          "forgotten_by = excluded.forgotten_by, reason = excluded.reason",
+                          (key, name_hash(file) if file else None, now, by, reason))
+                out.append(key)
+        return out
+
+    def forgotten_record(self, key: str) -> dict[str, Any] | None:
+        r = self.conn.execute("SELECT * FROM forgotten WHERE key = ?", (key,)).fetchone()
+        return None if r is None else dict(r)
+
+    def erased(self, key: str, *, by: str, reason: str | None, now: float, error: str | None,
+               local_gone: bool, copies_gone: Iterable[str]) -> None:
+        """After ``forget --erase`` deleted what it could: the row keeps its key and state, the
+        ``forgotten`` table who, when, why — and the recording's metadata goes. ``local_gone``: the
+        local file and sidecar are deleted (the path goes then, not before: a failed delete must stay
+        findable); ``copies_gone``: the destinations whose objects are deleted. ``error``: what could
+        not be deleted (the erasure is then incomplete, ``erased_at`` stays unset; run it again)."""
+        with self.write() as c:
+            c.execute("UPDATE recordings SET file = NULL, " + ", ".join(f"{f} = NULL" for f in META_FIELDS)
+                      + ", last_error = NULL, updated_at = ? WHERE key = ?", (now, key))
+            if local_gone:
+                c.execute("UPDATE recordings SET final_path = NULL, bytes = NULL, sha256 = NULL, local_kept = 0 "
+                          "WHERE key = ?", (key,))
+            c.executemany("DELETE FROM copies WHERE key = ? AND dest = ?", [(key, d) for d in copies_gone])
+            c.execute("UPDATE forgotten SET forgotten_by = ?, reason = COALESCE(?, reason), erased_at = ?, "
+                      "erase_error = ? WHERE key = ?", (by, reason, None if error else now, error, key))
+            if key.startswith("file:") and not error:
+                # A row keyed by its file name would keep the name (and the numbers in it): the key
+                # becomes the name's hash, which still refuses the name (``_refused``).
+                hashed = f"erased:{name_hash(key[5:])}"
+                c.execute("UPDATE forgotten SET key = ?, name_hash = COALESCE(name_hash, ?) WHERE key = ?",
+                          (hashed, name_hash(key[5:]), key))
+                c.execute("UPDATE copies SET key = ? WHERE key = ?", (hashed, key))
+                c.execute("UPDATE recordings SET key = ? WHERE key = ?", (hashed, key))
+
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM recordings GROUP BY state"):
@@ -745,6 +903,7 @@ class LedgerDb:
             moved = [r["key"] for r in c.execute("SELECT key FROM recordings WHERE rec_id IS NOT NULL")]
             for key in moved:
                 c.execute("UPDATE copies SET key = ? WHERE key = ?", (prefix + key, key))
+                c.execute("UPDATE forgotten SET key = ? WHERE key = ?", (prefix + key, key))
                 # The file name too: a new PBX's recording of the same name (a replacement restored from
                 # the old one's backup numbers alike) must not be taken for this one and merged into it.
                 c.execute("UPDATE recordings SET key = ?, rec_id = NULL, file = CASE WHEN file IS NULL THEN NULL "
@@ -769,13 +928,13 @@ class LedgerDb:
         with self.write() as c:
             if ref.rec_id is not None and ref.file:
                 c.execute("DELETE FROM recordings WHERE rec_id IS NULL AND file IN (?, ?, ?) AND "
-                          "state != 'in_progress'", name_variants(ref.file))
+                          "state NOT IN ('in_progress', 'forgotten')", name_variants(ref.file))
             c.execute(
                 "INSERT INTO recordings (key, rec_id, file, state, final_path, bytes, sha256, source, created_at, "
                 "updated_at, done_at, " + ", ".join(META_FIELDS) + ") VALUES (?, ?, ?, 'done', ?, ?, ?, 'rebuild', "
                 "?, ?, ?, " + ", ".join("?" * len(META_FIELDS)) + ") ON CONFLICT(key) DO UPDATE SET state = 'done', "
                 "final_path = excluded.final_path, bytes = excluded.bytes, sha256 = excluded.sha256, "
-                "done_at = excluded.done_at",
+                "done_at = excluded.done_at WHERE recordings.state != 'forgotten'",
                 (ref.key, ref.rec_id, ref.file, final_path, size, sha256, now, now, now,
                  *(meta.get(f) for f in META_FIELDS)))
 

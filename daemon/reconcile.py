@@ -14,7 +14,7 @@ import structlog
 
 from daemon.archive import ArchiveDir, is_part_name, looks_like_audio, sidecar_data
 from daemon.errors import WrongArchiveError
-from daemon.ledger import ARCHIVED, KV_ARCHIVE_ID, KV_PBX_SN, KV_REBUILT, META_FIELDS, LedgerDb, Ref
+from daemon.ledger import ARCHIVED, FORGOTTEN, KV_ARCHIVE_ID, KV_PBX_SN, KV_REBUILT, META_FIELDS, LedgerDb, Ref
 
 log = structlog.get_logger("daemon.reconcile")
 
@@ -118,7 +118,8 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
     report = ReconcileReport(leases_reset=db.reset_in_progress(now=now))
     keep_parts = {r.part_path for r in db.rows("pending") if r.part_path and r.part_synced > 0}
     archived = [r for state in ARCHIVED for r in db.rows(state)]
-    known_paths = {r.final_path for r in archived if r.final_path}
+    # A forgotten recording's file, kept (``forget`` without --erase), is known too, not "untracked".
+    known_paths = {r.final_path for r in [*archived, *db.rows(FORGOTTEN)] if r.final_path}
     kept_paths = {r.final_path for r in archived if r.final_path and r.local_kept}
     rebuild = db.kv_get(KV_REBUILT) != "1"
     pbx_sn = db.kv_get(KV_PBX_SN)

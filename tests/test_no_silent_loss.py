@@ -90,7 +90,8 @@ async def test_an_id_and_its_file_name_before_it_resolves_give_one_row_one_trans
     (tmp_path / "archive" / MARKER_DIR).mkdir()
     _enqueue(cfg, [Ref(file=rec.file)])
     result = await _once(cfg)
-    assert result.counts == {"pending": 0, "in_progress": 0, "done": 1, "failed": 0, "missing": 0, "copying": 0}
+    assert result.counts == {"pending": 0, "in_progress": 0, "done": 1, "failed": 0, "missing": 0, "copying": 0,
+                             "forgotten": 0}
     rows = _rows(cfg)
     assert [(r.key, r.state) for r in rows] == [(f"id:{rec.id}", "done")]
     assert archive_files(tmp_path / "archive") == _expected(sim)

@@ -45,7 +45,8 @@ async def test_300_recordings_with_short_lifetimes_and_faults_are_archived_byte_
     cfg = write_config(tmp_path, sim.base_url, extra={
         "sources": {"ids": _ids(sim)}, "downloads": {"url_lifetime_s": 2, "url_refresh_margin_s": 1}})
     result = await _once(cfg)
-    assert result.counts == {"pending": 0, "in_progress": 0, "done": 300, "failed": 0, "missing": 0, "copying": 0}
+    assert result.counts == {"pending": 0, "in_progress": 0, "done": 300, "failed": 0, "missing": 0, "copying": 0,
+                             "forgotten": 0}
     assert archive_files(tmp_path / "archive") == _expected(sim)
     assert sum(sim.counters.faults.values()) > 0
     assert sim.snapshot()["tokens_live"] == 0  # revoked at the end
@@ -165,7 +166,8 @@ async def test_missing_recordings_end_missing_and_once_exits_clean(start_sim: Si
     sim = await start_sim(count=2)
     cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": [*_ids(sim), 99999]}})
     result = await _once(cfg)
-    assert result.counts == {"pending": 0, "in_progress": 0, "done": 2, "failed": 0, "missing": 1, "copying": 0}
+    assert result.counts == {"pending": 0, "in_progress": 0, "done": 2, "failed": 0, "missing": 1, "copying": 0,
+                             "forgotten": 0}
     assert sim.counters.requests["recording/download"] == 3  # 60001 is not retried
 
 
@@ -205,7 +207,8 @@ async def test_the_pbx_going_away_fails_nothing_and_work_resumes(start_sim: SimF
         await sim.start("127.0.0.1", port)
     with structlog.testing.capture_logs() as logs:
         result, _ = await asyncio.gather(_once(cfg), outage())
-    assert result.counts == {"pending": 0, "in_progress": 0, "done": 30, "failed": 0, "missing": 0, "copying": 0}
+    assert result.counts == {"pending": 0, "in_progress": 0, "done": 30, "failed": 0, "missing": 0, "copying": 0,
+                             "forgotten": 0}
     assert result.stats.pauses >= 2
     events = [e["event"] for e in logs]
     assert "pipeline.paused" in events and "pipeline.resumed" in events

@@ -250,7 +250,8 @@ async def test_a_name_announced_before_the_pbx_serves_it_is_retried_for_the_grac
     db.close()
     started = time.monotonic()
     result = await _once(cfg)
-    assert result.counts == {"pending": 0, "in_progress": 0, "done": 1, "failed": 0, "missing": 0, "copying": 0}
+    assert result.counts == {"pending": 0, "in_progress": 0, "done": 1, "failed": 0, "missing": 0, "copying": 0,
+                             "forgotten": 0}
     assert time.monotonic() - started >= 2.0
     _assert_invariants(sim, cfg, {late.id})
 
