@@ -38,13 +38,23 @@ class RequestGate:
         self.format: str | None = None if configured == "auto" else configured
         self._held = False
         self._changed = asyncio.Event()   # set (and replaced) when the slot frees or the gate opens
+        # A transfer's bytes showed wav: only then may requests be sent ahead (prefetch). The
+        # configuration's word is not enough — a PBX configured wav may serve mp3.
+        self.wav_seen = False
 
     @property
     def exclusive(self) -> bool:
         return self.format != "wav"
 
+    @property
+    def may_send_ahead(self) -> bool:
+        """Requests for later transfers (URL prefetch) may go out: the served bytes showed wav."""
+        return self.wav_seen and not self.exclusive
+
     def learn(self, served: str | None) -> None:
         """Record the format a transfer showed (or a resolution hinted at: only mp3 hints count)."""
+        if served == "wav" and self.format != "mp3":
+            self.wav_seen = True
         if served is None or self.format == "mp3" or served == self.format:
             return
         if served == "wav" and self.configured == "mp3":
@@ -90,16 +100,17 @@ class Resolver:
         self._ahead: dict[str, asyncio.Task[None]] = {}   # prefetches under way, by recording
 
     def prefetch(self, key: str, *, rec_id: int | None, file: str | None) -> None:
-        """Start resolving ``key``'s URL now, for a transfer that comes later. Never while the gate is
-        exclusive (mp3: the one-request rule). A prefetch that fails is forgotten: the transfer's own
-        ``url_for`` asks again and its error counts there, once."""
-        if self._gate.exclusive or key in self._ahead or key in self._urls:
+        """Start resolving ``key``'s URL now, for a transfer that comes later. Only once a transfer's
+        bytes showed wav, never while the gate is exclusive (mp3: the one-request rule). A prefetch
+        that fails is forgotten: the transfer's own ``url_for`` asks again and its error counts there,
+        once."""
+        if not self._gate.may_send_ahead or key in self._ahead or key in self._urls:
             return
         self._ahead[key] = asyncio.create_task(self._prefetch(key, rec_id, file), name=f"prefetch-{key}")
 
     async def _prefetch(self, key: str, rec_id: int | None, file: str | None) -> None:
         try:
-            if not self._gate.exclusive:   # the gate may have closed while this task waited to start
+            if self._gate.may_send_ahead:   # the gate may have closed while this task waited to start
                 await self.url_for(key, rec_id=rec_id, file=file)
         except Exception as exc:   # the transfer's own resolve meets it again, and counts it there
             log.debug("url.prefetch_failed", recording=file or rec_id, error=str(exc))

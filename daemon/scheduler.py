@@ -175,7 +175,7 @@ class Scheduler:
     @property
     def _prefetching(self) -> bool:
         """Claim ahead and resolve early only while more than one request may be in flight."""
-        return self.cfg.downloads.prefetch_urls > 0 and not self.downloader.gate.exclusive
+        return self.cfg.downloads.prefetch_urls > 0 and self.downloader.gate.may_send_ahead
 
     def _top_up(self) -> None:
         """Claim more rows ahead, in one ledger transaction at a time, up to the prefetch window."""
@@ -336,7 +336,10 @@ class Scheduler:
                 del self._url_turns[row.key]
             await self._reschedule(row, exc, exc.retry_after_s or URL_EXPIRED_DELAY_S, burn=burn)
         except DeferredError as exc:
-            await self._reschedule(row, exc, exc.retry_after_s, burn=False)
+            # Jittered: an id row and its name row claimed together both see the other in progress
+            # and wait; deferred to the same moment they would meet (and wait) again for ever.
+            delay = (exc.retry_after_s or 0.0) * (0.5 + self.rand())
+            await self._reschedule(row, exc, delay, burn=False)
         except RecordingMissingError as exc:
             if await self._not_yet(row):
                 # Announced (a 30012 event at call end, a name in the queue, a listing written at call
