@@ -396,9 +396,10 @@ def test_the_installed_wheel_carries_the_example_config(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("daemon/config.example.yaml") == (REPO / "config.example.yaml").read_bytes()
     site = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
-                          str(wheel)], capture_output=True, text=True, check=False, timeout=120)
-    assert pip.returncode == 0, pip.stderr[-2000:]
+    # A pure-Python wheel installs by unpacking (what `pip install --target` does with it); no pip
+    # needed, which a venv made by uv (test-lowest) does not have.
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
     env = cli_env()
     env["PYTHONPATH"] = str(site)
     run = subprocess.run([sys.executable, "-m", "daemon", "init", "--dir", str(tmp_path / "new")], cwd=tmp_path,
