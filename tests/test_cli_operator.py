@@ -187,18 +187,8 @@ def test_once_with_a_closed_stdout_and_stderr_from_the_start_archives_and_keeps_
 
 
 def _done(cfg: Path) -> int:
-    """Done rows, read-only, straight from the default ledger of a ``write_config`` config."""
-    import sqlite3
-    path = cfg.parent / "archive" / ".yeastar-archiver" / "ledger.db"
-    if not path.exists():
-        return 0
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT COUNT(*) FROM recordings WHERE state = 'done'").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        conn.close()
+    from tests.test_daemon import _done_now
+    return _done_now(cfg)
 
 
 # ---------------------------------------------------------------- a second run on the same config
