@@ -1,4 +1,4 @@
-"""Every fault of spec/reliability.md injected on loopback, each followed by the invariants I1-I5.
+"""Every fault of the reliability spec injected on loopback, each followed by the invariants I1-I5.
 
 Each test runs with a unique canary client secret and searches every log line (rendered through the
 production redactor, tracebacks included) and the status output for it and for every token issued.

@@ -3,7 +3,7 @@
 it as a destination-wide problem: the whole copier pauses, and because that copy's next_attempt_at never
 moves it is claimed first again after every pause. One poisoned recording starves every other copy
 forever (`run`), or `once` gives up with exit 4 "the off-box copy's endpoint stayed unreachable" though the
-endpoint is fine (reliability.md fault 28: failures never pause or starve the healthy ones)."""
+endpoint is fine (the reliability spec, fault 28: failures never pause or starve the healthy ones)."""
 
 from __future__ import annotations
 
