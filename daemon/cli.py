@@ -438,27 +438,39 @@ def livez_url(listen: str) -> str:
 
 
 def http_status(url: str, timeout_s: float) -> int:
-    """The HTTP status of ``GET url``. Plain http (the health port) goes over a bare socket: urllib
-    would import ssl and email, most of this command's start-up. Raises OSError, ValueError."""
+    """The HTTP status of ``GET url``. Raises OSError, ValueError."""
+    return http_get(url, timeout_s, limit=0)[0]
+
+
+def http_get(url: str, timeout_s: float, limit: int = 1 << 16) -> tuple[int, bytes]:
+    """(status, up to ``limit`` bytes of body) of ``GET url``. Plain http (the health port) goes over a
+    bare socket: urllib would import ssl and email, most of this command's start-up. Raises OSError,
+    ValueError."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
+        import urllib.error
         import urllib.request
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the operator's own URL
-            return int(resp.status)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the operator's own URL
+                return int(resp.status), resp.read(limit) if limit else b""
+        except urllib.error.HTTPError as exc:  # 503 from /readyz is an answer, not a failure to ask
+            return int(exc.code), exc.read(limit) if limit else b""
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s) as conn:
         conn.sendall(f"GET {target} HTTP/1.0\r\nHost: {parts.netloc}\r\nUser-Agent: yeastar-archiver-health\r\n"
                      "Connection: close\r\n\r\n".encode("ascii"))
-        head = b""
-        while b"\r\n" not in head and len(head) < 256:
-            chunk = conn.recv(256)
+        data = b""
+        # The status line only; or, when a body is wanted, everything up to the limit (HTTP/1.0: until close).
+        while len(data) < (limit + 16384 if limit else 256) and (limit or b"\r\n" not in data):
+            chunk = conn.recv(4096)
             if not chunk:
                 break
-            head += chunk
-    match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3}) ", head)
+            data += chunk
+    match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3}) ", data)
     if match is None:
-        raise ValueError(f"not an HTTP answer: {head[:40]!r}")
-    return int(match.group(1))
+        raise ValueError(f"not an HTTP answer: {data[:40]!r}")
+    _, sep, body = data.partition(b"\r\n\r\n")
+    return int(match.group(1)), body[:limit] if sep and limit else b""
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -652,36 +664,99 @@ def _ledger(cfg: Config, *, read_only: bool = False) -> Iterator[LedgerDb]:
         db.close()
 
 
+def daemon_status(running: bool | None, listen: str | None, answer: tuple[int, bytes] | None,
+                  error: str | None) -> dict[str, Any]:
+    """What the daemon is doing, for status: from whether the run lock is held and, when it is, what its
+    /readyz answered (or why it could not be asked). Pure; tested as a table."""
+    if running is None:
+        return {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock"}
+    if not running:
+        return {"state": "not running"}
+    if listen is None:
+        return {"state": "running", "why": "service.listen is null: no readiness to ask"}
+    if answer is None:
+        return {"state": "running", "why": f"its health port does not answer ({error})"}
+    try:
+        body = json.loads(answer[1])
+        ready, checks = bool(body["ready"]), dict(body["checks"])
+    except (ValueError, KeyError, TypeError):
+        return {"state": "running", "why": f"/readyz answered HTTP {answer[0]} without its JSON"}
+    if ready:
+        return {"state": "running", "ready": True}
+    reasons = [f"{name}: {check.get('reason') or 'not ok'}" for name, check in checks.items()
+               if isinstance(check, dict) and not check.get("ok")]
+    return {"state": "running", "ready": False, "why": "; ".join(reasons) or "not ready"}
+
+
+def _when(ts: float | None, now: float) -> str:
+    """``2026-12-02T13:00:00+00:00 (5 min ago)``; ``never`` for None."""
+    if ts is None:
+        return "never"
+    ago = max(0.0, now - ts)
+    span = (f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else
+            f"{ago / 3600:.1f} h" if ago < 172800 else f"{ago / 86400:.1f} days")
+    return f"{dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec='seconds')} ({span} ago)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES, check_state_access
+    from daemon.ledger import KV_PBX_FIRMWARE, KV_PBX_SN, STATES, check_state_access, run_lock_held
     from daemon.logs import redact_text
     cfg = _load(args)
     check_state_access(cfg.state.path, write=False)
+    now = time.time()
+    running = run_lock_held(cfg.state.path)
+    answer, error = None, None
+    if running and cfg.service.listen is not None:
+        try:
+            answer = http_get(livez_url(cfg.service.listen).removesuffix("/livez") + "/readyz", HEALTH_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            error = str(exc) or type(exc).__name__
+    daemon = daemon_status(running, cfg.service.listen, answer, error)
     if not cfg.state.path.exists():
         counts: dict[str, int] = dict.fromkeys(STATES, 0)
         data: dict[str, Any] = {"counts": counts, "bytes_archived": 0, "recent_failures": [],
-                                "ledger": str(cfg.state.path), "ledger_exists": False}
+                                "ledger": str(cfg.state.path), "ledger_exists": False, "daemon": daemon}
     else:
         # Read-only: status works beside a running `run`, and on a state folder it may not write.
         with _ledger(cfg, read_only=True) as db:
+            oldest = db.oldest_pending()
             data = {
                 "counts": db.counts(), "bytes_archived": db.bytes_archived(), "discovery": discovery_status(db),
                 "pbx": {"sn": db.kv_get(KV_PBX_SN), "firmware": db.kv_get(KV_PBX_FIRMWARE)},
                 "recent_failures": [{"recording": r.ref, "state": r.state, "attempts": r.attempts,
                                      "error": redact_text(r.last_error or "")} for r in db.recent_failures()],
                 "ledger": str(cfg.state.path), "ledger_exists": True,
-                "copies": db.copy_counts(), "verify": verify_status(db),
+                "copies": db.copy_counts(), "verify": verify_status(db), "daemon": daemon,
+                "archived_last_hour": db.done_since(now - 3600), "archived_last_day": db.done_since(now - 86400),
+                "last_success_at": db.last_done_at(),
+                "oldest_pending": None if oldest is None else {"recording": oldest[0], "since": oldest[1]},
+                "failures_by_reason": [{"state": st, "reason": redact_text(reason), "count": n}
+                                       for st, reason, n in db.failures_by_reason()],
             }
     if args.json:
         print(json.dumps(data))
         return EXIT_OK
     c = data["counts"]
+    line = f"daemon: {daemon['state']}"
+    if "ready" in daemon:
+        line += ", ready" if daemon["ready"] else ", NOT ready"
+    print(line + (f" ({daemon['why']})" if daemon.get("why") else ""))
     print(f"ledger: {data['ledger']}")
     pbx = data.get("pbx") or {}
     if pbx.get("sn"):
         print(f"  PBX serial {pbx['sn']}, firmware {pbx.get('firmware') or '?'}")
     print("  " + "  ".join(f"{state}: {c[state]}" for state in STATES))
     print(f"  archived: {data['bytes_archived'] / 1e6:.1f} MB")
+    if data["ledger_exists"]:
+        print(f"  archived in the last hour: {data['archived_last_hour']}, last day: {data['archived_last_day']}; "
+              f"last success: {_when(data['last_success_at'], now)}")
+        oldest = data["oldest_pending"]
+        print(f"  oldest pending: {'none' if oldest is None else oldest['recording'] + ', enqueued '}"
+              f"{'' if oldest is None else _when(oldest['since'], now)}")
+        if data["failures_by_reason"]:
+            print("failures by reason:")
+            for f in data["failures_by_reason"]:
+                print(f"  {f['count']:>6}  {f['state']:<7}  {f['reason'] or '(no reason recorded)'}")
     disc = data.get("discovery") or {}
     if disc:
         backfill = disc.get("backfill") or {}

@@ -843,6 +843,26 @@ class LedgerDb:
         value = self.conn.execute("SELECT MAX(done_at) FROM recordings WHERE state = 'done'").fetchone()[0]
         return None if value is None else float(value)
 
+    def done_since(self, since: float) -> int:
+        """How many recordings were archived at or after ``since`` (Unix time): status's rates."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM recordings WHERE state = 'done' AND done_at >= ?",
+                                     (since,)).fetchone()[0])
+
+    def oldest_pending(self) -> tuple[str, float] | None:
+        """The longest-waiting pending recording and when it was enqueued; None if nothing waits."""
+        r = self.conn.execute("SELECT rec_id, file, created_at FROM recordings WHERE state IN ('pending', "
+                              "'in_progress') AND created_at IS NOT NULL ORDER BY created_at LIMIT 1").fetchone()
+        # Named as everywhere else the operator reads one: the id, else the file name (Row.ref).
+        return None if r is None else (str(r["rec_id"] if r["rec_id"] is not None else r["file"]),
+                                       float(r["created_at"]))
+
+    def failures_by_reason(self, limit: int = 5) -> list[tuple[str, str, int]]:
+        """(state, reason, count) of failed and missing recordings, the commonest first."""
+        return [(str(r["state"]), str(r["reason"]), int(r["n"])) for r in self.conn.execute(
+            "SELECT state, COALESCE(last_error, '') AS reason, COUNT(*) AS n FROM recordings "
+            "WHERE state IN ('failed', 'missing') GROUP BY state, reason ORDER BY n DESC, reason LIMIT ?",
+            (limit,))]
+
     def recent_failures(self, limit: int = 10) -> list[Row]:
         return [_row(r) for r in self.conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state IN ('failed', 'missing') "
@@ -937,6 +957,38 @@ class LedgerDb:
                 "done_at = excluded.done_at WHERE recordings.state != 'forgotten'",
                 (ref.key, ref.rec_id, ref.file, final_path, size, sha256, now, now, now,
                  *(meta.get(f) for f in META_FIELDS)))
+
+
+def flock_held(proc_locks: str, dev: int, ino: int) -> bool:
+    """Whether ``/proc/locks`` lists a granted flock on the file (dev, ino). Pure; tested as a table.
+
+    Lines read ``1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF``; a waiter's line carries ``->``.
+    """
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    for line in proc_locks.splitlines():
+        fields = line.split()
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5] == want:
+            return True
+    return False
+
+
+def run_lock_held(ledger_path: Path) -> bool | None:
+    """Whether a ``run``/``once`` holds this ledger's run lock, without touching the lock (taking it, even
+    for a moment, could make a ``run`` starting at that instant refuse). None when it cannot be told."""
+    lock = ledger_path.with_name(ledger_path.name + ".lock")
+    try:
+        st = lock.stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    return flock_held(text, st.st_dev, st.st_ino)
 
 
 class RunLock:
