@@ -254,6 +254,8 @@ class Scheduler:
             self._finished.set()
             return
         if self.paused:
+            if self.downloader.in_flight == 0:
+                self.downloader.archive.close()   # as when idle: a paused archiver holds no folder open
             await sleep_or_stop(self.clock, self.paused_until - self.clock.monotonic(), self.stop, self._finished)
             self._after_pause()
             return
@@ -268,6 +270,10 @@ class Scheduler:
             if self.once and active == 0:
                 self._finished.set()
                 return
+            if self.downloader.in_flight == 0:
+                # Nothing being written: let go of the archive folders kept open between files, so
+                # that an idle archiver never holds the archive's disk busy (a plain umount works).
+                self.downloader.archive.close()
             wait = IDLE_POLL_S if next_at is None else min(IDLE_POLL_S, max(0.0, next_at - self.clock.wall()))
             await sleep_or_stop(self.clock, wait, self.stop, self._finished, self._wakeup)
             self._wakeup.clear()
