@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS forgotten (
     forgotten_by TEXT NOT NULL,
     reason TEXT,
     erased_at REAL,
-    erase_error TEXT
+    erase_error TEXT,
+    erased_by TEXT
 );
 CREATE INDEX IF NOT EXISTS forgotten_name ON forgotten(name_hash);
 CREATE INDEX IF NOT EXISTS recordings_day ON recordings(DAY_EXPR);
@@ -93,6 +94,7 @@ DAY_EXPR = (
 SCHEMA = SCHEMA.replace("DAY_EXPR", DAY_EXPR)
 
 MIGRATIONS = (("part_sha256", "TEXT"), ("local_kept", "INTEGER NOT NULL DEFAULT 1"))
+FORGOTTEN_MIGRATIONS = (("erased_by", "TEXT"),)
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -323,6 +325,10 @@ class LedgerDb:
             for column, decl in MIGRATIONS:
                 if column not in have:
                     c.execute(f"ALTER TABLE recordings ADD COLUMN {column} {decl}")
+            have = {r["name"] for r in c.execute("PRAGMA table_info(forgotten)")}
+            for column, decl in FORGOTTEN_MIGRATIONS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE forgotten ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self.conn.close()
@@ -786,9 +792,12 @@ class LedgerDb:
                     file = row["file"]
                     c.execute("UPDATE recordings SET state = 'forgotten', lease_until = NULL, part_path = NULL, "
                               "part_synced = 0, updated_at = ? WHERE key = ?", (now, key))
+                # The first request stays on record: who asked, when and why is what a compliance
+                # audit reads, and a later request must not rewrite it.
                 c.execute("INSERT INTO forgotten (key, name_hash, forgotten_at, forgotten_by, reason) VALUES "
-                          "(?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET forgotten_at = excluded.forgotten_at, "
-                          "forgotten_by = excluded.forgotten_by, reason = excluded.reason",
+                          "(?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                          "name_hash = COALESCE(forgotten.name_hash, excluded.name_hash), "
+                          "reason = COALESCE(forgotten.reason, excluded.reason)",
                           (key, name_hash(file) if file else None, now, by, reason))
                 out.append(key)
         return out
@@ -811,7 +820,8 @@ class LedgerDb:
                 c.execute("UPDATE recordings SET final_path = NULL, bytes = NULL, sha256 = NULL, local_kept = 0 "
                           "WHERE key = ?", (key,))
             c.executemany("DELETE FROM copies WHERE key = ? AND dest = ?", [(key, d) for d in copies_gone])
-            c.execute("UPDATE forgotten SET forgotten_by = ?, reason = COALESCE(?, reason), erased_at = ?, "
+            # Who erased goes beside who asked to forget (``forgotten_by`` stays the first request's).
+            c.execute("UPDATE forgotten SET erased_by = ?, reason = COALESCE(reason, ?), erased_at = ?, "
                       "erase_error = ? WHERE key = ?", (by, reason, None if error else now, error, key))
             if key.startswith("file:") and not error:
                 # A row keyed by its file name would keep the name (and the numbers in it): the key

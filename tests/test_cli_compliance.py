@@ -461,3 +461,41 @@ def test_erasing_a_row_keyed_by_its_name_keeps_only_the_name_s_hash(tmp_path: Pa
         assert record["reason"] == "gdpr" and record["erased_at"] == 3.0
     finally:
         db.close()
+
+
+def test_the_first_forget_request_stays_on_record_and_the_eraser_is_recorded_beside_it(tmp_path: Path) -> None:
+    """An audit reads who asked to forget, when and why: neither a second request nor the erasure
+    rewrites it; the erasure adds who erased."""
+    db = LedgerDb(tmp_path / "ledger.db")
+    try:
+        db.enqueue([Ref(rec_id=7)], source="config", now=1.0)
+        assert db.forget(["id:7"], by="alice (uid 1001)", reason="gdpr art. 17", now=2.0) == ["id:7"]
+        assert db.forget(["id:7"], by="bob (uid 1002)", reason="again", now=3.0) == []
+        db.erased("id:7", by="carol (uid 1003)", reason="ticket 42", now=4.0, error=None, local_gone=True,
+                  copies_gone=[])
+        record = db.forgotten_record("id:7")
+        assert record is not None
+        assert (record["forgotten_by"], record["forgotten_at"], record["reason"]) == \
+            ("alice (uid 1001)", 2.0, "gdpr art. 17")
+        assert (record["erased_by"], record["erased_at"]) == ("carol (uid 1003)", 4.0)
+    finally:
+        db.close()
+
+
+def test_a_ledger_made_before_erased_by_existed_gets_the_column(tmp_path: Path) -> None:
+    import sqlite3
+    path = tmp_path / "ledger.db"
+    LedgerDb(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE forgotten DROP COLUMN erased_by")   # as an older version made it
+    conn.commit()
+    conn.close()
+    db = LedgerDb(path)
+    try:
+        db.enqueue([Ref(rec_id=8)], source="config", now=1.0)
+        db.forget(["id:8"], by="alice", reason=None, now=2.0)
+        db.erased("id:8", by="carol", reason=None, now=3.0, error=None, local_gone=True, copies_gone=[])
+        record = db.forgotten_record("id:8")
+        assert record is not None and record["erased_by"] == "carol" and record["forgotten_by"] == "alice"
+    finally:
+        db.close()
