@@ -516,6 +516,18 @@ def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[s
     return text
 
 
+def default_state_path(archive_dir: Path, state_directory: str | None) -> Path:
+    """``state.path`` when the config leaves it out. Pure.
+
+    Under systemd, ``$STATE_DIRECTORY`` (set from ``StateDirectory=``, colon-separated when it names
+    several) is the folder the unit gave the service for it: the first one, outside the archive, so
+    that an unmounted archive disk is recognised. Elsewhere, inside ``archive.dir``."""
+    first = (state_directory or "").split(":", 1)[0]
+    if first and Path(first).is_absolute():
+        return Path(first) / "ledger.db"
+    return archive_dir / ".yeastar-archiver" / "ledger.db"
+
+
 def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) -> Config:
     """Validate a parsed YAML document. Raises ``ConfigError`` listing every problem at once."""
     problems: list[str] = []
@@ -600,7 +612,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     state_path = st.path_value("path", None, "a path to the ledger database file")
     st.finish()
     if state_path is None and archive_dir is not None:
-        state_path = archive_dir / ".yeastar-archiver" / "ledger.db"
+        state_path = default_state_path(archive_dir, os.environ.get("STATE_DIRECTORY"))
 
     dl = top.section("downloads")
     downloads = DownloadsConfig(
