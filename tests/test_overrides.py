@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from daemon.effective import effective_lines, webhook_shown
 from daemon.errors import ConfigError
 from daemon.overrides import Override, apply_overrides, name_variables, parse_overrides
 from daemon.simoptions import SimOptions
-from tests.conftest import archive_files, cli_env, run_cli, simulator_subprocess, write_config
+from tests.conftest import REPO, archive_files, cli_env, run_cli, simulator_subprocess, write_config
 
 P = "YEASTAR_ARCHIVER_"
 
@@ -212,3 +213,14 @@ def test_once_under_systemd_keeps_the_ledger_in_state_directory(tmp_path: Path) 
     assert (state / "ledger.db").is_file()
     assert not (tmp_path / "archive" / ".yeastar-archiver" / "ledger.db").exists()
     assert json.loads(status.stdout)["counts"]["done"] == 1
+
+
+def test_the_image_listens_on_every_interface_through_an_override(tmp_path: Path) -> None:
+    """The runtime stage's ENV, read from the Dockerfile, is a valid override: the EXPOSEd port answers,
+    and `health` (the HEALTHCHECK) asks it on loopback."""
+    from daemon.cli import livez_url
+    runtime = (REPO / "Dockerfile").read_text().rsplit("FROM ", 1)[1]
+    env = dict(re.findall(r"^ENV (YEASTAR_ARCHIVER_SERVICE__LISTEN)=(\S+)$", runtime, flags=re.MULTILINE))
+    cfg = load_config(write_config(tmp_path, "http://127.0.0.1:9"), env)
+    assert cfg.service.listen == "0.0.0.0:9464"
+    assert livez_url(cfg.service.listen) == "http://127.0.0.1:9464/livez"
