@@ -245,6 +245,10 @@ def _load(args: argparse.Namespace) -> Config:
     configure_logging(cfg.logging.format, cfg.logging.level)
     for warning in cfg.warnings:
         _log().warning("config.warning", message=warning)
+    from daemon.overrides import parse_overrides
+    # Which keys the environment set, never their values (a secret may be among them).
+    for override in parse_overrides(os.environ)[0]:
+        _log().debug("config.override", key=override.key, variable=override.variable)
     return cfg
 
 
@@ -325,8 +329,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _print_effective_config(cfg: Config) -> None:
     """What `run` would use: the file with the environment's overrides laid over it, secrets masked."""
-    import os
-
     from daemon.effective import effective_lines
     from daemon.overrides import parse_overrides
     overrides, _problems = parse_overrides(os.environ)   # any problem already failed the load

@@ -178,9 +178,14 @@ def test_check_with_overrides_shows_the_effective_config_and_logs_in_with_them(t
 def test_once_archives_the_ids_an_override_names(tmp_path: Path) -> None:
     with simulator_subprocess("--count", "3") as base_url:
         cfg = write_config(tmp_path, base_url)      # no source in the file
-        result = run_cli("once", "-c", str(cfg), env=cli_env(**{P + "SOURCES__IDS": "[1000, 1002]"}))
+        result = run_cli("once", "-c", str(cfg), env=cli_env(**{P + "SOURCES__IDS": "[1000, 1002]",
+                                                                P + "LOGGING__LEVEL": "debug"}))
     assert result.returncode == 0, result.stderr
     assert len(archive_files(tmp_path / "archive")) == 2
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    said = [(e["key"], e["variable"]) for e in events if e["event"] == "config.override"]
+    assert said == [("logging.level", P + "LOGGING__LEVEL"), ("sources.ids", P + "SOURCES__IDS")]
+    assert not any("1002]" in str(e) for e in events if e["event"] == "config.override")   # never the value
 
 
 def test_an_unknown_override_is_exit_2_naming_the_variable(tmp_path: Path) -> None:
