@@ -25,6 +25,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/yeastar-archiver/bin:$PATH \
     YEASTAR_ARCHIVER_CONFIG=/etc/yeastar-archiver/config.yaml
+# service.listen defaults to 127.0.0.1, which inside a container answers nothing through the EXPOSEd
+# port: listen on every interface here (an override, so a config file's own service.listen loses to
+# it; `-e YEASTAR_ARCHIVER_SERVICE__LISTEN=...` changes it, `=null` turns the endpoint off).
+ENV YEASTAR_ARCHIVER_SERVICE__LISTEN=0.0.0.0:9464
 COPY --from=build /opt/yeastar-archiver /opt/yeastar-archiver
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /var/lib/yeastar-archiver \
         --shell /usr/sbin/nologin yeastar-archiver \

@@ -245,6 +245,10 @@ def _load(args: argparse.Namespace) -> Config:
     configure_logging(cfg.logging.format, cfg.logging.level)
     for warning in cfg.warnings:
         _log().warning("config.warning", message=warning)
+    from daemon.overrides import parse_overrides
+    # Which keys the environment set, never their values (a secret may be among them).
+    for override in parse_overrides(os.environ)[0]:
+        _log().debug("config.override", key=override.key, variable=override.variable)
     return cfg
 
 
@@ -307,6 +311,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         cfg = _load(args)
     except ConfigError as exc:
         return _config_failed(exc)
+    _print_effective_config(cfg)
     local = EXIT_OK
     for finding in preflight(cfg):
         if finding.note:
@@ -320,6 +325,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.archive.s3 is not None and remote == EXIT_OK:
         remote = _check_s3(cfg)
     return remote or local
+
+
+def _print_effective_config(cfg: Config) -> None:
+    """What `run` would use: the file with the environment's overrides laid over it, secrets masked."""
+    from daemon.effective import effective_lines
+    from daemon.overrides import parse_overrides
+    overrides, _problems = parse_overrides(os.environ)   # any problem already failed the load
+    print(f"check: effective config (file {str(cfg.source_path)!r}, then the environment):")
+    for line in effective_lines(cfg, {o.key: o.variable for o in overrides}):
+        print(f"  {line}")
 
 
 def _check_pbx_line(cfg: Config) -> int:

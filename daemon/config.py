@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from daemon.errors import ConfigError
+from daemon.overrides import apply_overrides, name_variables, parse_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
 CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
@@ -516,6 +517,18 @@ def read_secret_file(path: Path, key: str, problems: list[str], warnings: list[s
     return text
 
 
+def default_state_path(archive_dir: Path, state_directory: str | None) -> Path:
+    """``state.path`` when the config leaves it out. Pure.
+
+    Under systemd, ``$STATE_DIRECTORY`` (set from ``StateDirectory=``, colon-separated when it names
+    several) is the folder the unit gave the service for it: the first one, outside the archive, so
+    that an unmounted archive disk is recognised. Elsewhere, inside ``archive.dir``."""
+    first = (state_directory or "").split(":", 1)[0]
+    if first and Path(first).is_absolute():
+        return Path(first) / "ledger.db"
+    return archive_dir / ".yeastar-archiver" / "ledger.db"
+
+
 def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) -> Config:
     """Validate a parsed YAML document. Raises ``ConfigError`` listing every problem at once."""
     problems: list[str] = []
@@ -600,7 +613,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     state_path = st.path_value("path", None, "a path to the ledger database file")
     st.finish()
     if state_path is None and archive_dir is not None:
-        state_path = archive_dir / ".yeastar-archiver" / "ledger.db"
+        state_path = default_state_path(archive_dir, os.environ.get("STATE_DIRECTORY"))
 
     dl = top.section("downloads")
     downloads = DownloadsConfig(
@@ -703,8 +716,9 @@ def config_path(cli_value: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate the config file at ``path``. Raises ``ConfigError``."""
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the config file at ``path``, lay the environment's overrides over it (``environ``, else
+    ``os.environ``; see daemon/overrides.py) and validate the result. Raises ``ConfigError``."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -715,7 +729,16 @@ def load_config(path: Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"config file {str(path)!r}: not valid YAML{where}"]) from exc
-    return parse_config(data, base_dir=path.resolve().parent, source_path=path)
+    overrides, problems = parse_overrides(os.environ if environ is None else environ)
+    data, placing = apply_overrides(data, overrides)
+    problems += placing
+    try:
+        cfg = parse_config(data, base_dir=path.resolve().parent, source_path=path)
+    except ConfigError as exc:
+        raise ConfigError(problems + name_variables(exc.problems, overrides)) from exc
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 # What SIGHUP can change in a running daemon; any other change needs a restart.

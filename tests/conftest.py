@@ -58,7 +58,8 @@ def _reset_logging() -> Iterator[None]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("YEASTAR_ARCHIVER")}
+    # STATE_DIRECTORY too: under a systemd unit it would move every test's ledger into the unit's folder.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YEASTAR_ARCHIVER") and k != "STATE_DIRECTORY"}
     env.update(extra)
     return env
 
