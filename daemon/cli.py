@@ -111,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object")
     command("enqueue", cmd_enqueue, "add recordings by id or file name (idempotent)").add_argument(
         "refs", nargs="+", metavar="REF", help="a numeric id, or a file name ending .wav/.mp3")
-    command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending").add_argument(
-        "refs", nargs="*", metavar="REF")
+    retry = command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending")
+    retry.add_argument("refs", nargs="*", metavar="REF", help="only these (ids or file names); each one it cannot "
+                       "act on is named with why (unknown, already archived, missing, ...)")
+    retry.add_argument("--missing", action="store_true",
+                       help="missing recordings too (the PBX did not have them; they may have appeared since)")
     command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
     verify = command("verify", cmd_verify, "re-read every archived copy (local and S3), report and mend damage")
     verify.add_argument("--json", action="store_true", help="one JSON object")
@@ -531,8 +534,18 @@ def cmd_once(args: argparse.Namespace) -> int:
                                     new_pbx=args.new_pbx)
         if found_nothing_without_a_source(cfg, result):
             raise ConfigError([NO_SOURCE])
+        if result.stats.missing:
+            # Exit 0 stands (nothing failed), but a mistyped id must not pass unseen.
+            _err(missing_line(result.stats.missing_refs, result.stats.missing))
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def missing_line(named: list[str], count: int) -> str:
+    """once's line naming the recordings that ended missing: the first few, then "+K more". Pure."""
+    more = f" +{count - len(named)} more" if count > len(named) else ""
+    return (f"once: {count} recording(s) ended missing (the PBX does not have them; a mistyped id?): "
+            f"{', '.join(named)}{more}; retry --missing asks the PBX again")
 
 
 def found_nothing_without_a_source(cfg: Config, result: RunResult) -> bool:
@@ -754,13 +767,44 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def retry_verdict(states: list[str], *, failed_copies: bool, missing: bool) -> str | None:
+    """Why ``retry`` cannot act on a recording whose ledger rows are in ``states`` (None: it can). Pure."""
+    if not states:
+        return "unknown to the ledger (never queued; enqueue it first)"
+    if "failed" in states or failed_copies or (missing and "missing" in states):
+        return None
+    if "missing" in states:
+        return "missing: the PBX did not have it when asked (retry --missing asks again)"
+    if "forgotten" in states:
+        return "forgotten: it is never fetched again"
+    if set(states) <= {"done", "copying"}:
+        return "already archived"
+    return "not failed: already queued (pending or in progress)"
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
+    """Exit 0 when every REF named was put back (or none was named), 1 when any could not be (each named)."""
     cfg = _load(args)
-    keys = [r.key for r in _parse_refs(args.refs)] if args.refs else None
+    refs = _parse_refs(args.refs) if args.refs else None
+    refused: list[tuple[str, str]] = []
     with _ledger(cfg) as db:
-        n = db.retry(keys, now=time.time())
-    print(f"retry: {n} recording(s) back to pending")
-    return EXIT_OK
+        keys: list[str] | None = None
+        if refs is not None:
+            keys = []
+            for ref in refs:
+                found = db.keys_for(ref)
+                rows = [row for row in map(db.get, found) if row is not None]
+                failed_copies = any(c["state"] == "failed" for k in found for c in db.copies_of(k))
+                why = retry_verdict([r.state for r in rows], failed_copies=failed_copies, missing=args.missing)
+                if why is None:
+                    keys += found
+                else:
+                    refused.append((str(ref.rec_id) if ref.rec_id is not None else str(ref.file), why))
+        n = db.retry(keys, now=time.time(), missing=args.missing) if keys != [] else 0
+    for ref_text, why in refused:
+        _err(f"retry: {ref_text}: {why}")
+    print(f"retry: {n} recording(s) back to pending" + (f", {len(refused)} not (see above)" if refused else ""))
+    return EXIT_FAILED_ITEMS if refused else EXIT_OK
 
 
 # ---------------------------------------------------------------- find / export / forget
