@@ -95,3 +95,21 @@ def test_own_command_is_the_script_beside_the_interpreter_else_python_m_daemon(t
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
     assert own_command(str(python)) == str(script)
+
+
+def test_the_v_q_shift_survives_the_level_a_reload_sets() -> None:
+    """SIGHUP re-reads logging.level (runner calls set_level): -v given at start still counts."""
+    import io
+
+    import structlog
+
+    from daemon.logs import configure_logging, set_level, set_level_shift
+    out = io.StringIO()
+    set_level_shift(1)
+    configure_logging("json", "warning", stream=out)
+    structlog.get_logger("t").info("seen_before_reload")
+    set_level("warning")
+    structlog.get_logger("t").info("seen_after_reload")
+    structlog.get_logger("t").debug("not_seen")
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events == ["seen_before_reload", "seen_after_reload"]
