@@ -800,16 +800,16 @@ def discovery_status(db: LedgerDb) -> dict[str, Any]:
 
 
 def _parse_refs(texts: list[str]) -> list[Ref]:
-    from daemon.sources import parse_ref
+    from daemon.sources import parse_ref, ref_problem
     refs, bad = [], []
     for text in texts:
         ref = parse_ref(text)
         if ref is None:
-            bad.append(text)
+            bad.append(f"REF {text!r}: {ref_problem(text.strip()) or 'not a recording id or .wav/.mp3 file name'}")
         else:
             refs.append(ref)
     if bad:
-        raise ConfigError([f"not a recording id or .wav/.mp3 file name: {b!r}" for b in bad])
+        raise ConfigError(bad)
     return refs
 
 

@@ -409,3 +409,12 @@ def test_mistyped_ids_are_named_by_once_and_retry_says_why_for_each_ref(tmp_path
         again = run_cli("once", "-c", str(cfg))
     assert again.returncode == 0, again.stderr
     assert "once: 2 recording(s) ended missing" in again.stderr   # asked again, still not on the PBX
+
+
+@pytest.mark.parametrize(("ref", "why"), [("a..b.wav", "a path"), ("x/y.wav", "a path"), ("nul\x01.wav", "control")])
+def test_enqueue_refuses_a_path_like_name_saying_why(tmp_path: Path, ref: str, why: str) -> None:
+    """The CLI edge refuses what the queue file's edge refuses, naming the REF and why; nothing is queued."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")
+    result = run_cli("enqueue", ref, "-c", str(cfg))
+    assert result.returncode == 2 and f"REF {ref!r}: " in result.stderr and why in result.stderr
+    assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]["pending"] == 0
