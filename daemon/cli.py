@@ -1148,12 +1148,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from daemon.logs import set_level_shift
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in NO_CONFIG and args.config is not None:
         parser.error(f"-c/--config: {args.command} reads no config")
-    set_level_shift(args.verbose + args.sub_verbose - args.quiet - args.sub_quiet)
+    shift = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
+    if shift or "daemon.logs" in sys.modules:   # `health` must not pay for structlog unless asked
+        from daemon.logs import set_level_shift
+        set_level_shift(shift)
     try:
         result: int = args.func(args)
         sys.stdout.flush()   # here, not at exit: a reader gone (`status | head -2`) is seen and handled
