@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -89,16 +90,70 @@ def _add_config_arg(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         help="config file (else $YEASTAR_ARCHIVER_CONFIG, else /etc/yeastar-archiver/config.yaml)")
 
 
+def _add_verbosity_args(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Counted separately before and after the subcommand (argparse would let the second erase the first).
+    prefix = "" if top else "sub_"
+    parser.add_argument("-v", "--verbose", dest=prefix + "verbose", action="count", default=0,
+                        help="more log detail than logging.level says (repeatable: -vv)")
+    parser.add_argument("-q", "--quiet", dest=prefix + "quiet", action="count", default=0,
+                        help="less log detail than logging.level says (repeatable: -qq)")
+
+
+class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, and the epilog's lines as written."""
+
+
+# Commands that read no config: a -c given to them would be ignored, so it is refused instead.
+NO_CONFIG = ("simulate", "demo")
+
+# Each subcommand's help epilog: its exit codes and an example, as `COMMAND --help` shows them.
+EPILOGS = {
+    "run": "exit codes: 0 stopped by SIGTERM/SIGINT, 1 another run/once holds the ledger or it is unusable,\n"
+           "  2 invalid config (also another PBX's serial without --new-pbx),\n"
+           "  6 archive.dir is not the ledger's archive (a PBX or S3 outage, refused credentials or an\n"
+           "  untrusted certificate never end it: it stays up, not ready)\n"
+           "example: yeastar-archiver run -c /etc/yeastar-archiver/config.yaml",
+    "once": "exit codes: 0 every queued recording ended done or missing (missing ones are named), 1 any ended failed,\n"
+            "  2 invalid config or no source, 3 the PBX refused the credentials or the IP, 4 unreachable or\n"
+            "  untrusted certificate, 5 stopped before the queue was drained (run it again), 6 wrong archive folder\n"
+            "example: yeastar-archiver once -c config.yaml",
+    "status": "exit codes: 0 shown, 2 invalid config or a ledger this user may not read\n"
+              "example: yeastar-archiver status --json -c config.yaml",
+    "enqueue": "exit codes: 0 added (or already known), 1 the ledger is unusable, 2 a bad REF or config\n"
+               "example: yeastar-archiver enqueue 1727 20240301093000-1709285400.0-2001-2002-Inbound.wav",
+    "retry": "exit codes: 0 done, 1 a REF it could not act on (each named, with why) or the ledger is unusable,\n"
+             "  2 a bad REF or config\n"
+             "example: yeastar-archiver retry --missing 1727",
+    "check": "exit codes: 0 all OK, 2 invalid config or a local check failed, 3 the PBX (or S3) refused the\n"
+             "  credentials or the IP, 4 the PBX (or S3) unreachable or its certificate not trusted\n"
+             "example: yeastar-archiver check -c /etc/yeastar-archiver/config.yaml",
+    "verify": "exit codes: 0 every copy whole, 1 a problem found (mended where it could be), 2 invalid config,\n"
+              "  6 archive.dir is not the ledger's archive\n"
+              "example: yeastar-archiver verify --read-data 1727",
+    "health": "exit codes: 0 the running `run` is alive, 1 it is not (or does not answer)\n"
+              "example: yeastar-archiver health --url http://127.0.0.1:9464/livez",
+    "simulate": "exit codes: 0 stopped by SIGTERM/SIGINT, 2 a bad option\n"
+                "example: yeastar-archiver simulate --port 8088 --count 50 --http500-rate 0.05",
+    "demo": "exit codes: 0 every recording archived, 1 any failed, 2 --dir exists and was not made by the demo\n"
+            "example: yeastar-archiver demo --dir /tmp/yeastar-archiver-demo",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yeastar-archiver",
                                      description="Archive call recordings from a Yeastar P-Series PBX.")
     parser.add_argument("--version", action=_VersionAction)
     _add_config_arg(parser, top=True)
+    _add_verbosity_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text)
-        _add_config_arg(p, top=False)
+        p = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
+                           epilog=EPILOGS.get(name), formatter_class=_DefaultsAndRawEpilog if name == "simulate"
+                           else argparse.RawDescriptionHelpFormatter)
+        if name not in NO_CONFIG:
+            _add_config_arg(p, top=False)
+        _add_verbosity_args(p, top=False)
         p.set_defaults(func=func)
         return p
 
@@ -111,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object")
     command("enqueue", cmd_enqueue, "add recordings by id or file name (idempotent)").add_argument(
         "refs", nargs="+", metavar="REF", help="a numeric id, or a file name ending .wav/.mp3")
-    command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending").add_argument(
-        "refs", nargs="*", metavar="REF")
+    retry = command("retry", cmd_retry, "put failed recordings (all, or those named) back to pending")
+    retry.add_argument("refs", nargs="*", metavar="REF", help="only these (ids or file names); each one it cannot "
+                       "act on is named with why (unknown, already archived, missing, ...)")
+    retry.add_argument("--missing", action="store_true",
+                       help="missing recordings too (the PBX did not have them; they may have appeared since)")
     command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
     verify = command("verify", cmd_verify, "re-read every archived copy (local and S3), report and mend damage")
     verify.add_argument("--json", action="store_true", help="one JSON object")
@@ -131,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--erase", action="store_true",
                         help="also delete the archived copies and sidecars (local and S3) and the call metadata")
     forget.add_argument("--reason", metavar="TEXT", help="why, recorded in the ledger (e.g. a request's reference)")
-    for p, epilog in (
+    for p, epilog in (   # these set their own epilogs here, beside their options
         (find, "exit codes: 0 (also when nothing matches), 2 bad filter or config\n"
                "example: yeastar-archiver find --caller +4930 --since 2024-03-01 --until 2024-03-31 --json"),
         (export, "exit codes: 0 all exported, 1 any could not be (each named), 2 bad filter or config\n"
@@ -167,34 +225,34 @@ def add_find_filters(p: argparse.ArgumentParser) -> None:
 
 def add_simulator_args(p: argparse.ArgumentParser) -> None:
     d = SimOptions()
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    p.add_argument("--port", type=int, default=8088, help="port; 0 picks a free one [8088]")
-    p.add_argument("--count", type=int, default=d.count, help=f"number of recordings [{d.count}]")
-    p.add_argument("--first-id", type=int, default=d.first_id, help=f"id of the first recording [{d.first_id}]")
-    p.add_argument("--size-min", type=int, default=d.size_min, help=f"smallest recording, bytes [{d.size_min}]")
-    p.add_argument("--size-max", type=int, default=d.size_max, help=f"largest recording, bytes [{d.size_max}]")
-    p.add_argument("--format", choices=("wav", "mp3"), default=d.format, help="recording format [wav]")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the deterministic contents [1]")
-    p.add_argument("--client-id", default=d.client_id)
-    p.add_argument("--client-secret", default=d.client_secret)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8088, help="port; 0 picks a free one")
+    p.add_argument("--count", type=int, default=d.count, help="number of recordings")
+    p.add_argument("--first-id", type=int, default=d.first_id, help="id of the first recording")
+    p.add_argument("--size-min", type=int, default=d.size_min, help="smallest recording, bytes")
+    p.add_argument("--size-max", type=int, default=d.size_max, help="largest recording, bytes")
+    p.add_argument("--format", choices=("wav", "mp3"), default=d.format, help="recording format")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the deterministic contents")
+    p.add_argument("--client-id", default=d.client_id, help="the API client id it accepts")
+    p.add_argument("--client-secret", default=d.client_secret, help="the API secret it accepts")
     p.add_argument("--token-lifetime", type=float, default=d.token_lifetime_s, help="access token lifetime, s")
     p.add_argument("--refresh-lifetime", type=float, default=d.refresh_lifetime_s, help="refresh token lifetime, s")
     p.add_argument("--url-lifetime", type=float, default=d.url_lifetime_s, help="download URL lifetime, s")
     p.add_argument("--resolve-delay", type=float, default=0.0, metavar="S",
-                   help="answer recording/download S seconds after it was asked (API latency) [0]")
+                   help="answer recording/download S seconds after it was asked (API latency)")
     p.add_argument("--no-range", action="store_true", help="ignore Range headers (always answer 200)")
     p.add_argument("--hostile-names", action="store_true", help="give the first recordings hostile file names")
     for name in ("http500", "errcode", "busy", "cut", "stall", "json-body", "url-expired"):
-        p.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"probability of the {name} fault [0]")
+        p.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"probability of the {name} fault")
     p.add_argument("--stall-s", type=float, default=d.stall_s, help="how long a stall lasts, s")
-    p.add_argument("--bytes-per-second", type=int, default=0, help="pace each transfer (0: unpaced) [0]")
-    p.add_argument("--new-every", type=float, default=0.0, help="a new recording every S seconds (0: never) [0]")
+    p.add_argument("--bytes-per-second", type=int, default=0, help="pace each transfer, 0: unpaced")
+    p.add_argument("--new-every", type=float, default=0.0, help="a new recording every S seconds, 0: never")
     p.add_argument("--fail-ids", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(),
                    metavar="ID,ID", help="recordings whose recording/download always answers HTTP 500")
     # What a real PBX may do (each off by default).
     p.add_argument("--page-cap", type=int, default=0, metavar="N", help="at most N items per page, whatever was asked")
     p.add_argument("--page-cap-offsets", choices=("capped", "asked"), default="capped",
-                   help="with --page-cap: page numbers count capped pages, or the page_size asked [capped]")
+                   help="with --page-cap: page numbers count capped pages, or the page_size asked")
     p.add_argument("--close-after-response", action="store_true",
                    help="one answer per TCP connection; a request on a reused connection is dropped")
     p.add_argument("--cleanup-on-list", type=int, default=0, metavar="K",
@@ -206,16 +264,16 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mp3-transcode", choices=("", "wav-name", "mp3-name"), default="",
                    help="recordings stored as wav, downloaded as mp3; recording/download tells the .wav or .mp3 name")
     p.add_argument("--mp3-busy-answer", choices=("70082", "503", "-2", "wait"), default="70082",
-                   help="what a second concurrent request gets in mp3 mode [70082]")
+                   help="what a second concurrent request gets in mp3 mode")
     p.add_argument("--expired-url-answer", choices=("404", "403", "410", "60001"), default="404",
-                   help="what an expired file URL answers [404]")
+                   help="what an expired file URL answers")
     p.add_argument("--api-version-error", type=int, choices=(0, 10002, 10003), default=0,
-                   help="every API call answers this errcode [0: off]")
+                   help="every API call answers this errcode; 0: off")
     p.add_argument("--idle-drop", type=float, default=d.ws_idle_s, metavar="S",
-                   help=f"drop a WebSocket whose client sent no heartbeat for S seconds [{d.ws_idle_s:g}]")
+                   help="drop a WebSocket whose client sent no heartbeat for S seconds")
     p.add_argument("--block-expire", type=float, default=0.0, metavar="S",
-                   help="70004 carries block_expire_time S seconds ahead, and the IP block lifts then [0: never]")
-    p.add_argument("--sn", default=d.sn, help=f"the PBX serial system/information tells [{d.sn}]")
+                   help="70004 carries block_expire_time S seconds ahead, and the IP block lifts then; 0: never")
+    p.add_argument("--sn", default=d.sn, help="the PBX serial system/information tells")
 
 
 def simulator_options(args: argparse.Namespace) -> SimOptions:
@@ -558,8 +616,18 @@ def cmd_once(args: argparse.Namespace) -> int:
                                     new_pbx=args.new_pbx)
         if found_nothing_without_a_source(cfg, result):
             raise ConfigError([NO_SOURCE])
+        if result.stats.missing:
+            # Exit 0 stands (nothing failed), but a mistyped id must not pass unseen.
+            _err(missing_line(result.stats.missing_refs, result.stats.missing))
         return once_exit_code(result)
     return _guard_pipeline(lambda: _run_until_signal(main))
+
+
+def missing_line(named: list[str], count: int) -> str:
+    """once's line naming the recordings that ended missing: the first few, then "+K more". Pure."""
+    more = f" +{count - len(named)} more" if count > len(named) else ""
+    return (f"once: {count} recording(s) ended missing (the PBX does not have them; a mistyped id?): "
+            f"{', '.join(named)}{more}; retry --missing asks the PBX again")
 
 
 def found_nothing_without_a_source(cfg: Config, result: RunResult) -> bool:
@@ -822,16 +890,16 @@ def discovery_status(db: LedgerDb) -> dict[str, Any]:
 
 
 def _parse_refs(texts: list[str]) -> list[Ref]:
-    from daemon.sources import parse_ref
+    from daemon.sources import parse_ref, ref_problem
     refs, bad = [], []
     for text in texts:
         ref = parse_ref(text)
         if ref is None:
-            bad.append(text)
+            bad.append(f"REF {text!r}: {ref_problem(text.strip()) or 'not a recording id or .wav/.mp3 file name'}")
         else:
             refs.append(ref)
     if bad:
-        raise ConfigError([f"not a recording id or .wav/.mp3 file name: {b!r}" for b in bad])
+        raise ConfigError(bad)
     return refs
 
 
@@ -844,13 +912,44 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def retry_verdict(states: list[str], *, failed_copies: bool, missing: bool) -> str | None:
+    """Why ``retry`` cannot act on a recording whose ledger rows are in ``states`` (None: it can). Pure."""
+    if not states:
+        return "unknown to the ledger (never queued; enqueue it first)"
+    if "failed" in states or failed_copies or (missing and "missing" in states):
+        return None
+    if "missing" in states:
+        return "missing: the PBX did not have it when asked (retry --missing asks again)"
+    if "forgotten" in states:
+        return "forgotten: it is never fetched again"
+    if set(states) <= {"done", "copying"}:
+        return "already archived"
+    return "not failed: already queued (pending or in progress)"
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
+    """Exit 0 when every REF named was put back (or none was named), 1 when any could not be (each named)."""
     cfg = _load(args)
-    keys = [r.key for r in _parse_refs(args.refs)] if args.refs else None
+    refs = _parse_refs(args.refs) if args.refs else None
+    refused: list[tuple[str, str]] = []
     with _ledger(cfg) as db:
-        n = db.retry(keys, now=time.time())
-    print(f"retry: {n} recording(s) back to pending")
-    return EXIT_OK
+        keys: list[str] | None = None
+        if refs is not None:
+            keys = []
+            for ref in refs:
+                found = db.keys_for(ref)
+                rows = [row for row in map(db.get, found) if row is not None]
+                failed_copies = any(c["state"] == "failed" for k in found for c in db.copies_of(k))
+                why = retry_verdict([r.state for r in rows], failed_copies=failed_copies, missing=args.missing)
+                if why is None:
+                    keys += found
+                else:
+                    refused.append((str(ref.rec_id) if ref.rec_id is not None else str(ref.file), why))
+        n = db.retry(keys, now=time.time(), missing=args.missing) if keys != [] else 0
+    for ref_text, why in refused:
+        _err(f"retry: {ref_text}: {why}")
+    print(f"retry: {n} recording(s) back to pending" + (f", {len(refused)} not (see above)" if refused else ""))
+    return EXIT_FAILED_ITEMS if refused else EXIT_OK
 
 
 # ---------------------------------------------------------------- find / export / forget
@@ -1098,6 +1197,16 @@ def prepare_demo_dir(directory: Path) -> None:
     shutil.rmtree(directory / "archive", ignore_errors=True)
 
 
+def own_command(executable: str | None = None) -> str:
+    """How to run this very installation from a shell: the ``yeastar-archiver`` script beside the
+    interpreter (a venv's bin/ is rarely on PATH), else ``python -m daemon`` with this interpreter."""
+    python = Path(executable or sys.executable)
+    script = python.parent / "yeastar-archiver"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(str(python))} -m daemon"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.logs import configure_logging
     from daemon.runner import run_pipeline
@@ -1123,13 +1232,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{counters['logins']} login(s), {counters['revocations']} revocation(s)")
         print(f"demo: ledger {result.counts}")
         print(f"demo: the recordings are under {cfg.archive.dir}  (next to each: a .json sidecar)")
-        print(f"demo: try  yeastar-archiver status -c {cfg_path}")
+        print(f"demo: try  {own_command()} status -c {shlex.quote(str(cfg_path))}")
         return once_exit_code(result)
     return _run_until_signal(main)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in NO_CONFIG and args.config is not None:
+        parser.error(f"-c/--config: {args.command} reads no config")
+    shift = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
+    if shift or "daemon.logs" in sys.modules:   # `health` must not pay for structlog unless asked
+        from daemon.logs import set_level_shift
+        set_level_shift(shift)
     try:
         result: int = args.func(args)
         sys.stdout.flush()   # here, not at exit: a reader gone (`status | head -2`) is seen and handled

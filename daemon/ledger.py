@@ -726,12 +726,14 @@ class LedgerDb:
         return self.conn.execute("SELECT 1 FROM recordings WHERE state IN ('done', 'copying') LIMIT 1"
                                  ).fetchone() is not None
 
-    def retry(self, keys: list[str] | None, *, now: float) -> int:
+    def retry(self, keys: list[str] | None, *, now: float, missing: bool = False) -> int:
         """Failed rows and failed off-box copies (all, or those keyed) back to pending with a fresh
-        attempt budget. Returns how many of either."""
+        attempt budget; ``missing`` rows too when asked (they may have appeared on the PBX since).
+        Returns how many of either."""
         with self.write() as c:
+            states = "('failed', 'missing')" if missing else "('failed')"
             sql = ("UPDATE recordings SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
-                   "WHERE state = 'failed'")
+                   f"WHERE state IN {states}")
             copies = ("UPDATE copies SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
                       "WHERE state = 'failed'")
             if keys is None:

@@ -231,7 +231,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         )
     if under_journald(stream):
         renderer = _JournalPrefix(renderer)
-    numeric = logging.getLevelName(level.upper())
+    numeric = logging.getLevelName(shifted_level(level, _level_shift).upper())
     structlog.configure(
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -264,16 +264,33 @@ def _quiet_libraries() -> None:
 
 def reset_logging() -> None:
     """Undo ``configure_logging`` (tests configure it many times in one process)."""
-    global _handler
+    global _handler, _level_shift
     if _handler is not None:
         logging.getLogger().removeHandler(_handler)
         _handler = None
+    _level_shift = 0
     structlog.reset_defaults()
+
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+_level_shift = 0   # the command line's -v/-q, kept across a SIGHUP that re-reads logging.level
+
+
+def shifted_level(level: str, shift: int) -> str:
+    """``level`` made ``shift`` steps more verbose (-v: +1) or quieter (-q: -1), within LEVELS. Pure."""
+    index = LEVELS.index(level.lower()) - shift
+    return LEVELS[max(0, min(len(LEVELS) - 1, index))]
+
+
+def set_level_shift(shift: int) -> None:
+    """The command line's -v/-q count, applied to every level configured from now on."""
+    global _level_shift
+    _level_shift = shift
 
 
 def set_level(level: str) -> None:
     """Change the level of later log events (SIGHUP), keeping everything else as configured."""
-    numeric = logging.getLevelName(level.upper())
+    numeric = logging.getLevelName(shifted_level(level, _level_shift).upper())
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
     logging.getLogger().setLevel(numeric)
     _quiet_libraries()

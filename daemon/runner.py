@@ -249,9 +249,9 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         log.info("copy.summary", copied=copier.stats.copied, adopted=copier.stats.adopted, bytes=copier.stats.bytes,
                  failed=copier.stats.failed, local_removed=copier.stats.local_removed)
     log.info("run.summary", archived=stats.archived, downloaded=stats.downloaded, adopted=stats.adopted,
-             merged=stats.merged, failed=stats.failed, missing=stats.missing, retries=stats.retried,
-             pauses=stats.pauses, bytes=stats.bytes, errors=stats.errors, elapsed_s=round(elapsed, 2),
-             ledger=counts)
+             merged=stats.merged, failed=stats.failed, missing=stats.missing, missing_recordings=stats.missing_refs,
+             retries=stats.retried, pauses=stats.pauses, bytes=stats.bytes, errors=stats.errors,
+             elapsed_s=round(elapsed, 2), ledger=counts)
     return RunResult(stats=stats, counts=counts, reconcile=report, fatal=fatal, elapsed_s=elapsed,
                      gave_up=scheduler.gave_up, untrusted=untrusted, interrupted=stop.is_set(),
                      discovery_incomplete=discovered.incomplete,

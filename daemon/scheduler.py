@@ -68,6 +68,8 @@ def pause_delay(streak: int, retry_after_s: float | None, cap_s: float, rand: fl
     grown = min(cap_s, PAUSE_BASE_S * 2.0 ** max(0, streak - 1))
     return max(retry_after_s or 0.0, grown * (0.5 + rand / 2))
 
+MISSING_NAMED = 10   # once's summary names this many recordings that ended missing, then "+K more"
+
 
 @dataclass
 class RunStats:
@@ -78,6 +80,8 @@ class RunStats:
     adopted: int = 0
     failed: int = 0
     missing: int = 0
+    # The first few that ended missing, for once's summary (bounded: run lives for months).
+    missing_refs: list[str] = field(default_factory=list)
     retried: int = 0
     merged: int = 0
     bytes: int = 0
@@ -416,6 +420,8 @@ class Scheduler:
         await self._ledger_write(row, lambda db: db.finish(row.key, state=state, error=error, now=now))
         if exc.state == "missing":
             self.stats.missing += 1
+            if len(self.stats.missing_refs) < MISSING_NAMED:
+                self.stats.missing_refs.append(row.ref)
             log.warning("download.missing", recording=row.ref, reason=str(exc))
         else:
             self.stats.failed += 1

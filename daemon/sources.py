@@ -31,12 +31,15 @@ OVERLONG = "\x00overlong"   # stands for a skipped line longer than MAX_LINE_BYT
 
 def ref_problem(text: str) -> str | None:
     """Why ``text`` is not a recording ref (None when it is one). Pure; the CLI and the queue share it."""
-    if not text or len(text) > MAX_REF_CHARS or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+    if not text or len(text) > MAX_REF_CHARS:
         return "not a recording id or .wav/.mp3 file name"
+    # C0 and C1 controls (NUL included): a PBX file name never has them; a log or a terminal chokes on them.
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text):
+        return "control characters, not a PBX file name"
     if text.isascii() and text.isdigit():
         return None if int(text) > 0 else "a recording id must be a positive number"
-    if "/" in text or "\\" in text or text.startswith("."):
-        return "a path, not a PBX file name (no /, \\ or leading .)"
+    if "/" in text or "\\" in text or text.startswith(".") or ".." in text:
+        return "a path, not a PBX file name (no /, \\, .. or leading .)"
     if text.lower().endswith((".wav", ".mp3")) and len(text) > 4:
         return None
     return "not a recording id or .wav/.mp3 file name"

@@ -344,3 +344,77 @@ def test_check_fails_on_a_missing_archive_a_missing_queue_file_and_too_little_fr
     assert gone.returncode == 2
     assert "archive.dir" in gone.stderr and "does not exist" in gone.stderr and "Traceback" not in gone.stderr
     assert not (tmp_path / "archive").exists()   # check never creates it either
+
+
+# ---------------------------------------------------------------- mistyped ids: once names them, retry says why
+@pytest.mark.parametrize(("states", "failed_copies", "missing", "why"), [
+    ([], False, False, "unknown to the ledger"),
+    ([], False, True, "unknown to the ledger"),
+    (["failed"], False, False, None),
+    (["done"], True, False, None),                    # a failed off-box copy is retried
+    (["done"], False, False, "already archived"),
+    (["copying"], False, False, "already archived"),
+    (["missing"], False, False, "retry --missing"),
+    (["missing"], False, True, None),
+    (["forgotten"], False, True, "forgotten"),
+    (["pending"], False, False, "already queued"),
+    (["in_progress"], False, True, "already queued"),
+    (["done", "failed"], False, False, None),         # its id row and its name row: one failed is enough
+])
+def test_retry_verdict_table(states: list[str], failed_copies: bool, missing: bool, why: str | None) -> None:
+    from daemon.cli import retry_verdict
+    verdict = retry_verdict(states, failed_copies=failed_copies, missing=missing)
+    assert (verdict is None) if why is None else (verdict is not None and why in verdict)
+
+
+@pytest.mark.parametrize(("named", "count", "tail"), [
+    (["99999"], 1, "99999; retry --missing"),
+    (["1", "2"], 2, "1, 2; retry"),
+    (["1", "2"], 12, "1, 2 +10 more; retry"),
+])
+def test_missing_line_names_the_first_then_counts_the_rest(named: list[str], count: int, tail: str) -> None:
+    from daemon.cli import missing_line
+    line = missing_line(named, count)
+    assert line.startswith(f"once: {count} recording(s) ended missing") and tail in line
+
+
+def test_mistyped_ids_are_named_by_once_and_retry_says_why_for_each_ref(tmp_path: Path) -> None:
+    """A mistyped id ends missing: once still exits 0 (nothing failed) but names it on stderr and in
+    run.summary; retry names every ref it cannot act on, with why, and exits 1; retry --missing puts
+    missing ones back to pending and the next once asks the PBX again."""
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000, 99999, 99998]}})
+        once = run_cli("once", "-c", str(cfg))
+        assert once.returncode == 0, once.stderr
+        assert "once: 2 recording(s) ended missing" in once.stderr and "99999, 99998" in once.stderr
+        events = [json.loads(line) for line in once.stderr.splitlines() if line.startswith("{")]
+        assert sorted(e["recording"] for e in events if e["event"] == "download.missing") == ["99998", "99999"]
+        summary = next(e for e in events if e["event"] == "run.summary")
+        assert sorted(summary["missing_recordings"]) == ["99998", "99999"]
+
+        retry = run_cli("retry", "99999", "1000", "4242", "-c", str(cfg))
+        assert retry.returncode == 1, retry.stderr
+        assert "retry: 99999: missing" in retry.stderr and "retry --missing" in retry.stderr
+        assert "retry: 1000: already archived" in retry.stderr
+        assert "retry: 4242: unknown to the ledger" in retry.stderr
+        assert "retry: 0 recording(s) back to pending, 3 not" in retry.stdout
+
+        one = run_cli("retry", "--missing", "99999", "-c", str(cfg))
+        assert one.returncode == 0, one.stderr
+        assert "retry: 1 recording(s) back to pending" in one.stdout
+        counts = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]
+        assert counts["pending"] == 1 and counts["missing"] == 1
+        every = run_cli("retry", "--missing", "-c", str(cfg))
+        assert every.returncode == 0 and "retry: 1 recording(s) back to pending" in every.stdout
+        again = run_cli("once", "-c", str(cfg))
+    assert again.returncode == 0, again.stderr
+    assert "once: 2 recording(s) ended missing" in again.stderr   # asked again, still not on the PBX
+
+
+@pytest.mark.parametrize(("ref", "why"), [("a..b.wav", "a path"), ("x/y.wav", "a path"), ("nul\x01.wav", "control")])
+def test_enqueue_refuses_a_path_like_name_saying_why(tmp_path: Path, ref: str, why: str) -> None:
+    """The CLI edge refuses what the queue file's edge refuses, naming the REF and why; nothing is queued."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")
+    result = run_cli("enqueue", ref, "-c", str(cfg))
+    assert result.returncode == 2 and f"REF {ref!r}: " in result.stderr and why in result.stderr
+    assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["counts"]["pending"] == 0

@@ -15,7 +15,7 @@ from daemon.reconcile import identity_decision
 from daemon.resolver import RequestGate, url_needs_refresh
 from daemon.scheduler import backoff_delay, pause_delay
 from daemon.simulator import HOSTILE_NAMES
-from daemon.sources import parse_lines, parse_ref, strip_comment
+from daemon.sources import parse_lines, parse_ref, ref_problem, strip_comment
 from daemon.supervise import restart_delay
 
 NOW = dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
@@ -184,6 +184,25 @@ def test_request_gate_mp3_is_sticky_in_auto() -> None:
 ])
 def test_parse_ref(text: str, ref: Ref | None) -> None:
     assert parse_ref(text) == ref
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("1727", None),
+    ("a..b.wav", "a path"),            # a `..` anywhere: never a PBX file name
+    ("x/..wav", "a path"),
+    ("a\\b.wav", "a path"),
+    ("../x.wav", "a path"),
+    ("nul\x00.wav", "control characters"),
+    ("esc\x1b[2J.wav", "control characters"),
+    ("c1\x85.wav", "control characters"),
+    ("del\x7f.wav", "control characters"),
+    ("Zürich-anruf.wav", None),         # non-ASCII letters are names; only controls are refused
+    ("a.b.wav", None),
+    ("0", "positive"),
+])
+def test_ref_problem_names_why_a_name_is_refused(text: str, why: str | None) -> None:
+    problem = ref_problem(text)
+    assert (problem is None) if why is None else (problem is not None and why in problem)
 
 
 @pytest.mark.parametrize(("line", "kept"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from daemon.config import load_config
 from daemon.ledger import LedgerDb
 from daemon.runner import RunResult, run_pipeline
 from daemon.simulator import Simulator
-from tests.conftest import SimFactory, archive_files, run_cli, write_config
+from tests.conftest import SimFactory, archive_files, cli_env, run_cli, write_config
 
 
 async def _once(cfg_path: Path) -> RunResult:
@@ -329,6 +330,12 @@ def test_demo_runs_the_whole_tour(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "archived 200 recordings" in result.stdout
     assert len(archive_files(tmp_path / "demo" / "archive")) == 200
+    # The closing hint is a command that works as printed (the venv's script, not a bare name off PATH).
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("demo: try  "))
+    status = subprocess.run(shlex.split(hint.removeprefix("demo: try  ")), capture_output=True, text=True,
+                            timeout=60, env=cli_env(), check=False)
+    assert status.returncode == 0, status.stderr
+    assert "done: 200" in status.stdout
     again = run_cli("demo", "--dir", str(tmp_path / "demo"), timeout=120)   # a second tour starts afresh
     assert again.returncode == 0 and "archived 200 recordings" in again.stdout
     (tmp_path / "mine").mkdir()

@@ -231,12 +231,16 @@ def test_a_megabyte_line_is_skipped_without_being_held_in_memory(tmp_path: Path)
 
 def test_queue_lines_may_carry_trailing_comments_and_path_like_names_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "queue.txt"
-    path.write_text("1007 # from the CRM\nx.wav\t# tab too\n../../etc/x.wav\na/b.wav\n.hidden.wav\nc#d.wav\n")
+    path.write_text("1007 # from the CRM\nx.wav\t# tab too\n../../etc/x.wav\na/b.wav\n.hidden.wav\nc#d.wav\n"
+                    "a..b.wav\nnul\x00.wav\nc1\x85.wav\n")
     with structlog.testing.capture_logs() as logs:
         refs = QueueTail(path).poll()
     assert refs == [Ref(rec_id=1007), Ref(file="x.wav"), Ref(file="c#d.wav")]
-    bad = {e["line"]: e["reason"] for e in logs if e["event"] == "queue.malformed_line"}
-    assert set(bad) == {3, 4, 5} and all("path" in why for why in bad.values())
+    bad = {e["line"]: e for e in logs if e["event"] == "queue.malformed_line"}
+    assert set(bad) == {3, 4, 5, 7, 8, 9}
+    assert all(e["path"] == str(path) for e in bad.values())       # the line names its file and line number
+    assert all("path" in bad[n]["reason"] for n in (3, 4, 5, 7))
+    assert all("control characters" in bad[n]["reason"] for n in (8, 9))
 
 
 def test_lines_appended_to_the_old_file_before_a_rotation_are_not_lost(tmp_path: Path) -> None:
