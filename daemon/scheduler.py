@@ -375,7 +375,8 @@ class Scheduler:
             if len(self._busy_keys) >= BUSY_BURST:
                 if debug_enabled():
                     log.debug("scheduler.decision", recording=row.ref, decision="pause",
-                              reason=f"{len(self._busy_keys)} different recordings in a row met a busy PBX")
+                              reason=f"{len(self._busy_keys)} different recordings in a row met "
+                                     f"{type(exc).__name__}: the PBX, not them")
                 self._pause(exc, type(exc).__name__)
         except RetryableError as exc:
             await self._reschedule(row, exc, exc.retry_after_s, burn=True)

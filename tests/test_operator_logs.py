@@ -286,3 +286,4 @@ async def test_progress_line_on_a_real_pty(tmp_path: Path, start_sim: SimFactory
     archived = int(re.search(r"\bbytes=(\d+)", summary).group(1))  # type: ignore[union-attr]
     assert float(_PROGRESS.match(progress[-1]).group("mb")) == round(archived / 1e6, 1)  # type: ignore[union-attr]
     assert sim.counters.bytes_served > archived   # the extra fetches happened, and are not in the figure
+    assert "pbx.request" not in raw and "ledger.state_changed" not in raw   # info level: no debug events
