@@ -689,7 +689,10 @@ def _guard_pipeline(body: Callable[[], int]) -> int:
 
 
 def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> ProgressHook:
-    """A live progress line on a TTY (done/total, MB, rate, ETA); periodic ``progress`` events otherwise."""
+    """A live progress line on a TTY (done/total, MB, rate, ETA); periodic ``progress`` events otherwise.
+
+    MB are the archived bytes, the figure of the summary: bytes of attempts that were retried or
+    fetched twice to be sure are not archived. Log lines clear the live line first (logs.STATUS_LINE)."""
     tty = stream.isatty()
     every = interval_s if interval_s is not None else (0.5 if tty else 10.0)
 
@@ -697,6 +700,7 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
         import asyncio
 
         from daemon.clock import SystemClock, sleep_or_stop
+        from daemon.logs import STATUS_LINE
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
@@ -704,22 +708,22 @@ def progress_reporter(stream: TextIO, *, interval_s: float | None = None) -> Pro
             counts = await pipeline.ledger.call(lambda db: db.counts())
             total = sum(counts.values()) - counts.get("forgotten", 0)   # never to be fetched: not work left
             ended = counts["done"] + counts["missing"] + counts["failed"]
-            megabytes = pipeline.downloader.bytes_downloaded / 1e6
+            megabytes = pipeline.scheduler.stats.bytes / 1e6
             elapsed = max(loop.time() - started, 1e-6)
             rate = megabytes / elapsed
             per_item = elapsed / max(pipeline.scheduler.stats.archived, 1)
             eta = (total - ended) * per_item if pipeline.scheduler.stats.archived else None
-            eta_text = f"{eta:5.0f} s" if eta is not None else "    ?"
+            eta_text = f"{eta:.0f} s" if eta is not None else "?"
             paused = f"  (paused: {pipeline.scheduler.pause_reason})" if pipeline.scheduler.paused else ""
             if tty:
-                stream.write(f"\r{ended:>7}/{total:<7} {megabytes:9.1f} MB {rate:7.1f} MB/s ETA {eta_text}{paused:<40}")
-                stream.flush()
+                STATUS_LINE.show(stream, f"{ended:>7}/{total:<7} {megabytes:9.1f} MB {rate:7.1f} MB/s "
+                                         f"ETA {eta_text}{paused}")
             else:
                 _log().info("progress", ended=ended, total=total, megabytes=round(megabytes, 1),
                          mb_per_s=round(rate, 2), eta_s=None if eta is None else round(eta))
             if finished:
                 if tty:
-                    stream.write("\n")
+                    STATUS_LINE.end(stream)
                 return
     return report
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import errno
 import json
 import math
 import os
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +34,7 @@ from daemon.errors import (
     PauseError,
     PbxBusyError,
     PbxConfigError,
+    PbxServerError,
     PbxUnavailableError,
     PermanentError,
     RecordingMissingError,
@@ -43,7 +46,7 @@ from daemon.errors import (
     TransferError,
     UrlExpiredError,
 )
-from daemon.logs import redact_text, remember_secret
+from daemon.logs import debug_enabled, redact_text, remember_secret
 
 log = structlog.get_logger("daemon.client")
 
@@ -215,9 +218,53 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "…"
 
 
+# errno -> what happened, in the operator's words ("{where}" is host:port).
+_CONNECT_ERRNO = {
+    errno.ECONNREFUSED: "connection refused by {where}",
+    errno.ETIMEDOUT: "connecting to {where} timed out",
+    errno.EHOSTUNREACH: "no route to {where}",
+    errno.ENETUNREACH: "no route to {where} (network unreachable)",
+    errno.ECONNRESET: "connection reset by {where}",
+    errno.ECONNABORTED: "connection aborted by {where}",
+    errno.EPIPE: "connection closed by {where}",
+}
+
+
+def describe_os_error(err: BaseException | None, where: str) -> str:
+    """A socket error in plain words naming ``where`` (``host:port``), never an exception repr. Pure."""
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the host name of {where}"
+    number = getattr(err, "errno", None)
+    if number in _CONNECT_ERRNO:
+        return _CONNECT_ERRNO[number].format(where=where)
+    strerror = getattr(err, "strerror", None)
+    return f"connection to {where} failed ({strerror.lower()})" if strerror else f"connection to {where} failed"
+
+
+def describe_client_error(exc: BaseException, where: str) -> str:
+    """What an aiohttp (or socket) failure means, for ledger reasons and logs: aiohttp's reprs
+    (``<ContentLengthError: 400, message=...>``) say nothing to an operator. Pure; tested as a table."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return describe_os_error(exc.os_error, f"{exc.host}:{exc.port}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        if "length" in str(exc).lower():
+            return "the body ended before its announced length"
+        return "the body arrived malformed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection without an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{where} sent an answer that is not valid HTTP"
+    if isinstance(exc, OSError):        # aiohttp.ClientOSError and the built-in ConnectionErrors
+        return describe_os_error(exc, where)
+    return f"the request to {where} failed"
+
+
 @contextlib.contextmanager
-def translate_errors(what: str, *, in_body: bool = False, recording: str | None = None) -> Iterator[None]:
-    """Map aiohttp's and the socket's exceptions to the archiver's tree. The one place that does this."""
+def translate_errors(what: str, *, in_body: bool = False, recording: str | None = None,
+                     where: str = "the PBX") -> Iterator[None]:
+    """Map aiohttp's and the socket's exceptions to the archiver's tree. The one place that does this.
+    Messages are plain sentences (``connection refused by 127.0.0.1:8080``, ``timed out reading the
+    body``); the original exception stays chained for a traceback."""
     try:
         yield
     except ArchiverError:
@@ -230,22 +277,22 @@ def translate_errors(what: str, *, in_body: bool = False, recording: str | None 
         raise TlsError(f"{what}: TLS handshake with the PBX failed ({_short(str(exc))}); "
                        "check pbx.base_url and pbx.tls", recording=recording) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise PbxUnavailableError(f"{what}: cannot connect to the PBX ({_short(str(exc.os_error))})",
+        raise PbxUnavailableError(f"{what}: cannot connect to {where}: {describe_client_error(exc, where)}",
                                   recording=recording) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         if in_body:
-            raise TransferError(f"{what}: the transfer stalled (no data within the read timeout)",
-                                recording=recording) from exc
-        raise PbxUnavailableError(f"{what}: the PBX did not answer in time", recording=recording) from exc
+            raise TransferError(f"{what}: the transfer stalled: timed out reading the body (no data within "
+                                "the read timeout)", recording=recording) from exc
+        raise PbxUnavailableError(f"{what}: {where} did not answer in time", recording=recording) from exc
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
             aiohttp.ClientResponseError, ConnectionError) as exc:
         if in_body:
-            raise TransferError(f"{what}: the transfer broke ({type(exc).__name__}: {_short(str(exc))})",
+            raise TransferError(f"{what}: the transfer broke: {describe_client_error(exc, where)}",
                                 recording=recording) from exc
-        raise PbxUnavailableError(f"{what}: the connection to the PBX failed ({type(exc).__name__}: "
-                                  f"{_short(str(exc))})", recording=recording) from exc
+        raise PbxUnavailableError(f"{what}: the connection to {where} failed: {describe_client_error(exc, where)}",
+                                  recording=recording) from exc
     except aiohttp.ClientError as exc:
-        raise PbxUnavailableError(f"{what}: {type(exc).__name__}: {_short(str(exc))}", recording=recording) from exc
+        raise PbxUnavailableError(f"{what}: {describe_client_error(exc, where)}", recording=recording) from exc
 
 
 def stale_connection(exc: BaseException) -> bool:
@@ -653,10 +700,16 @@ class PbxClient:
         fresh = method != "GET"
         while True:
             session = self.fresh_session if fresh else self.session
+            sent = self.clock.monotonic()
             try:
                 with translate_errors(endpoint, recording=recording):
                     async with session.request(method, url, params=params, json=body, allow_redirects=False,
                                                timeout=self._api_timeout) as resp:
+                        if debug_enabled():
+                            # The endpoint, never the URL: the token travels in the query.
+                            log.debug("pbx.request", method=method, endpoint=endpoint, status=resp.status,
+                                      elapsed_ms=round((self.clock.monotonic() - sent) * 1000, 1),
+                                      recording=recording)
                         self._raise_for_http(resp, endpoint, recording)
                         raw = await _read_capped(resp, endpoint, recording)
                 break
@@ -714,9 +767,12 @@ class PbxClient:
             raise PbxConfigError(redirect_refused(what, resp.status, resp.headers.get("Location"), self.cfg.base_url))
         if resp.status == 404:
             raise FatalAuthError(f"{what}: HTTP 404 from the PBX: check pbx.base_url and pbx.api_path")
-        if resp.status in (429, 503) or resp.status >= 500:
+        if resp.status in (429, 503):
             raise PbxBusyError(f"{what}: HTTP {resp.status} from the PBX", retry_after_s=retry_after,
                                recording=recording)
+        if resp.status >= 500:
+            raise PbxServerError(f"{what}: server error HTTP {resp.status} from the PBX", retry_after_s=retry_after,
+                                 recording=recording)
         raise PbxBusyError(f"{what}: unexpected HTTP {resp.status} from the PBX", recording=recording)
 
     async def call(self, endpoint: str, params: dict[str, str] | None = None, *,
@@ -782,11 +838,16 @@ class PbxClient:
         while True:
             token = await self.tokens.token()
             headers = {"Range": f"bytes={offset}-"} if use_range else {}
+            sent = self.clock.monotonic()
             try:
                 with translate_errors("file download", recording=recording):
                     resp = await (self.fresh_session if fresh else self.session).get(
                         url, params={"access_token": token}, headers=headers, allow_redirects=False,
                         timeout=self._file_timeout)
+                if debug_enabled():
+                    log.debug("pbx.request", method="GET", endpoint="file download", status=resp.status,
+                              elapsed_ms=round((self.clock.monotonic() - sent) * 1000, 1), recording=recording,
+                              url=redact_text(url.split("?", 1)[0]), range_from=offset if use_range else None)
             except PbxUnavailableError as exc:
                 if not fresh and stale_connection(exc):
                     self._stale_connection("file download")
@@ -842,8 +903,11 @@ class PbxClient:
         if resp.status in (403, 404, 410):
             raise UrlExpiredError(f"the download URL answered HTTP {resp.status}", recording=recording)
         retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock.wall())
-        if resp.status in (429, 503) or resp.status >= 500:
+        if resp.status in (429, 503):
             raise PbxBusyError(f"file download: HTTP {resp.status}", retry_after_s=retry_after, recording=recording)
+        if resp.status >= 500:
+            raise PbxServerError(f"file download: server error HTTP {resp.status}", retry_after_s=retry_after,
+                                 recording=recording)
         raise TransferError(f"file download: unexpected HTTP {resp.status}", recording=recording)
 
     async def _peek_envelope(self, resp: aiohttp.ClientResponse, recording: str | None,
@@ -1002,7 +1066,7 @@ class Webhook:
         """Raises RetryableError when the receiver is unreachable or answers other than 2xx."""
         assert self._session is not None
         try:
-            with translate_errors("webhook"):
+            with translate_errors("webhook", where="the webhook receiver"):
                 async with self._session.post(self.url, json=body, timeout=self._timeout,
                                               allow_redirects=False) as resp:
                     if resp.status in REDIRECTS:

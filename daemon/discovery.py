@@ -185,7 +185,7 @@ class Discovery:
         top = page.items[0]["id"] if page.items else 0
         await self._set(KV_BACKFILL, Backfill(page=1, top=top, done=top == 0, size=self.page_size).dump())
         await self._set(KV_HIGH_WATER, str(top))
-        log.info("discover.initialised", newest_id=top, recordings=page.total)
+        log.info("discover.initialised", newest_id=str(top), recordings=page.total)
 
     # ---------------------------------------------------------------- paging
     async def _page(self, page_no: int, short: int | None = None) -> tuple[list[dict[str, Any]], bool, int]:

@@ -676,7 +676,7 @@ class Downloader:
             raise CommitNotRecorded(exc, completion) from exc
         if not sidecar_done:
             await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
-        log.info("download.completed", recording=row.ref, path=str(rel), size=size, downloaded=downloaded)
+        log.info("download.completed", recording=row.ref, path=str(rel), size=size, fetched=downloaded)
         return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded)
 
     async def complete_later(self, row: Row, completion: dict[str, Any]) -> None:

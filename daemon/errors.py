@@ -17,7 +17,8 @@
     ├── DestinationRefusedError  the off-box copy's endpoint refuses the credentials; exit 3
     ├── DeferredError            the same recording is being transferred under another name: later, burn nothing
     ├── RetryableError           this request failed; try the item again after a back-off
-    │   ├── PbxBusyError         HTTP 5xx / 429, errcode -2, 2, 70082 and unknown errcodes
+    │   ├── PbxBusyError         HTTP 503 / 429, errcode -2, 2, 70082 and unknown errcodes
+    │   │   └── PbxServerError   HTTP 500-599 but 503: the PBX failed on our request; retried like busy
     │   ├── TransferError        body cut, stalled, wrong length, not audio
     │   ├── TokenExpiredError    errcode 10004 (the client refreshes once before this escapes)
     │   └── UrlExpiredError      the 30-minute download URL lapsed: re-resolve, burn no attempt
@@ -176,7 +177,12 @@ class RetryableError(ArchiverError):
 
 
 class PbxBusyError(RetryableError):
-    """The PBX answered but could not serve the request now (5xx, 429, -2, 2, 70082, unknown errcode)."""
+    """The PBX answered but could not serve the request now (503, 429, -2, 2, 70082, unknown errcode)."""
+
+
+class PbxServerError(PbxBusyError):
+    """The PBX answered a server error (HTTP 5xx other than 503). Its own name, so that reasons and
+    logs say "server error" rather than "busy"; retried like busy (it may pass), so a subclass."""
 
 
 class TransferError(RetryableError):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
@@ -90,6 +92,15 @@ def redact_processor(_logger: Any, _method: str, event: MutableMapping[str, Any]
     return event
 
 
+def stringify_ids(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: ``recording`` and every ``*_id`` field is a string (or null) in every event,
+    so that a JSON consumer sees one type per field name (a recording is named by id or by file name)."""
+    for key, value in event.items():
+        if isinstance(value, int) and not isinstance(value, bool) and (key == "recording" or key.endswith("_id")):
+            event[key] = str(value)
+    return event
+
+
 def truncate_exception(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Bound the rendered traceback: aiohttp pastes whole response bodies into exception messages."""
     exc = event.get("exception")
@@ -158,6 +169,58 @@ def drop_output(stream: TextIO) -> None:
         os.close(devnull)
 
 
+def no_color(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``NO_COLOR`` is set and not empty (no-color.org): then no ANSI escape at all. Pure."""
+    return bool((os.environ if env is None else env).get("NO_COLOR"))
+
+
+def clear_line(columns: int, *, plain: bool) -> str:
+    """What erases the terminal's current line and returns to its start: ``\r`` + erase-line, or,
+    with ``plain`` (NO_COLOR), blanks over the whole width. Pure."""
+    return "\r" + " " * max(columns - 1, 0) + "\r" if plain else "\r\x1b[K"
+
+
+def fit_line(text: str, columns: int) -> str:
+    """``text`` cut to ``columns - 1`` characters: a line as wide as the terminal would wrap (and a
+    ``\r`` then returns to the second row, leaving the first behind). Pure."""
+    room = max(columns - 1, 1)
+    return text if len(text) <= room else text[: room - 1] + "…"
+
+
+class StatusLine:
+    """The one live line of a terminal (the progress of ``once``). A log line written to the same stream
+    clears it first, so that a log line never runs into it; the next progress tick draws it again."""
+
+    def __init__(self) -> None:
+        self._stream: TextIO | None = None
+        self._clear = ""
+
+    def show(self, stream: TextIO, text: str) -> None:
+        """Draw ``text`` as the live line of ``stream``, fitted to the terminal's width now."""
+        columns = shutil.get_terminal_size().columns
+        self._clear = clear_line(columns, plain=no_color())
+        stream.write(self._clear + fit_line(text, columns))
+        stream.flush()
+        self._stream = stream
+
+    def end(self, stream: TextIO) -> None:
+        """Keep the live line as the last word (a newline after it): nothing clears it any more."""
+        if self._stream is stream:
+            stream.write("\n")
+            stream.flush()
+        self._stream = None
+
+    def clear_for(self, stream: Any) -> None:
+        """Before a log line goes to ``stream``: erase the live line if it is on that stream."""
+        if self._stream is not None and self._stream is stream:
+            self._stream = None
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(self._clear)
+
+
+STATUS_LINE = StatusLine()
+
+
 class _NamedWriteLogger(structlog.WriteLogger):
     """structlog's fast writer, carrying the name given to ``get_logger`` for the ``logger`` field.
 
@@ -170,6 +233,7 @@ class _NamedWriteLogger(structlog.WriteLogger):
 
     def msg(self, message: str) -> None:
         try:
+            STATUS_LINE.clear_for(self._file)
             super().msg(message)
         except BrokenPipeError:
             drop_output(self._file)
@@ -180,6 +244,10 @@ class _NamedWriteLogger(structlog.WriteLogger):
 
 class _PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The standard library's records (aiohttp's, asyncio's), dropped like ours once nobody reads them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        STATUS_LINE.clear_for(self.stream)
+        super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         if isinstance(sys.exc_info()[1], BrokenPipeError):
@@ -205,11 +273,20 @@ def _shared_processors() -> list[Any]:
         # Plain traceback text: no local variables, which could hold secrets.
         structlog.processors.format_exc_info,
         truncate_exception,
+        stringify_ids,
         redact_processor,
     ]
 
 
 _handler: logging.Handler | None = None  # ours on the root logger, replaced by each configure_logging
+_debug = False  # logging.level is debug: set where the level is set, read on hot paths
+
+
+def debug_enabled() -> bool:
+    """True when debug events are written. Hot paths test this before building a debug event's fields,
+    so that debug costs one call when it is off (structlog would drop the event, after its arguments
+    were built)."""
+    return _debug
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -218,7 +295,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog's events and the standard library's records (aiohttp's, asyncio's) go through the same
     processors (redaction included) and renderer: with JSON, every line is one JSON object. Under
     journald each line starts with its syslog priority."""
-    global _handler
+    global _handler, _debug
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -227,11 +304,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback,
+            colors=stream.isatty() and not no_color(), exception_formatter=structlog.dev.plain_traceback,
         )
     if under_journald(stream):
         renderer = _JournalPrefix(renderer)
     numeric = logging.getLevelName(shifted_level(level, _level_shift).upper())
+    _debug = numeric <= logging.DEBUG
     structlog.configure(
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -264,7 +342,8 @@ def _quiet_libraries() -> None:
 
 def reset_logging() -> None:
     """Undo ``configure_logging`` (tests configure it many times in one process)."""
-    global _handler, _level_shift
+    global _handler, _level_shift, _debug
+    _debug = False
     if _handler is not None:
         logging.getLogger().removeHandler(_handler)
         _handler = None
@@ -290,7 +369,9 @@ def set_level_shift(shift: int) -> None:
 
 def set_level(level: str) -> None:
     """Change the level of later log events (SIGHUP), keeping everything else as configured."""
+    global _debug
     numeric = logging.getLevelName(shifted_level(level, _level_shift).upper())
+    _debug = numeric <= logging.DEBUG
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
     logging.getLogger().setLevel(numeric)
     _quiet_libraries()

@@ -222,7 +222,7 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
             report.sidecars_written += 1
     log.info("reconcile.done", leases_reset=report.leases_reset, rebuilt=report.rebuilt,
              vanished=len(report.vanished), parts_removed=report.parts_removed, parts_kept=report.parts_kept,
-             untracked=report.untracked, sidecars_written=report.sidecars_written, errors=report.errors,
+             untracked=report.untracked, sidecars_written=report.sidecars_written, error_count=report.errors,
              rebuild_complete=report.rebuild_complete)
     return report
 

@@ -113,7 +113,7 @@ class Resolver:
             if self._gate.may_send_ahead:   # the gate may have closed while this task waited to start
                 await self.url_for(key, rec_id=rec_id, file=file)
         except Exception as exc:   # the transfer's own resolve meets it again, and counts it there
-            log.debug("url.prefetch_failed", recording=file or rec_id, error=str(exc))
+            log.debug("url.prefetch_failed", recording=_ref(rec_id, file), error=str(exc))
         finally:
             if self._ahead.get(key) is asyncio.current_task():
                 del self._ahead[key]
@@ -135,7 +135,7 @@ class Resolver:
         url = self._urls.get(key)
         if url_needs_refresh(self._clock.monotonic(), url, self._margin_s):
             if url is not None:
-                log.info("url.expired", recording=file or rec_id)
+                log.info("url.expired", recording=_ref(rec_id, file))
             async with self._gate.slot():
                 started = self._clock.monotonic()
                 url = await self._client.resolve_download(rec_id=rec_id, file=None if rec_id is not None else file)
@@ -153,3 +153,8 @@ class Resolver:
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
             ahead.cancel()
+
+
+def _ref(rec_id: int | None, file: str | None) -> str:
+    """The recording as logs name it everywhere (``Row.ref``): its id as a string, else its file name."""
+    return str(rec_id) if rec_id is not None else str(file)

@@ -42,6 +42,7 @@ from daemon.errors import (
     UrlExpiredError,
 )
 from daemon.ledger import Ledger, LedgerDb, Row
+from daemon.logs import debug_enabled
 
 log = structlog.get_logger("daemon.scheduler")
 
@@ -60,6 +61,16 @@ MAX_AUTH_RETRIES = 3         # automatic logins after a refusal; never near the 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rand: float) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))]; ``rand`` in [0, 1). Pure."""
     return rand * min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+
+
+def retry_decision(state: str | None, *, burn: bool) -> str:
+    """What rescheduling a recording decided, as debug names it: ``give_up`` (its attempts are used up,
+    it ended ``failed``), ``retry`` (an attempt counted, tried again after a back-off), ``wait`` (tried
+    later, no attempt counted: an expired URL, a twin transferring it, "not ready yet"). ``state`` is
+    None when the ledger write was deferred: the row is retried once the ledger works. Pure."""
+    if state == "failed":
+        return "give_up"
+    return "retry" if burn else "wait"
 
 
 def pause_delay(streak: int, retry_after_s: float | None, cap_s: float, rand: float) -> float:
@@ -269,6 +280,8 @@ class Scheduler:
             await self.ledger.claim_one(now=self.clock.wall(), lease_s=LEASE_S)
         if row is not None:
             self._top_up()
+            if debug_enabled():
+                _state_changed(row, "pending", "in_progress", f"claimed (attempts so far {row.attempts})")
         if row is None:
             active, next_at = await self.ledger.call(lambda db: db.next_due())
             if self.once and active == 0:
@@ -279,6 +292,10 @@ class Scheduler:
                 # that an idle archiver never holds the archive's disk busy (a plain umount works).
                 self.downloader.archive.close()
             wait = IDLE_POLL_S if next_at is None else min(IDLE_POLL_S, max(0.0, next_at - self.clock.wall()))
+            if debug_enabled() and active:
+                log.debug("scheduler.idle", active=active, wait_s=round(wait, 3),
+                          next_due_in_s=None if next_at is None else round(next_at - self.clock.wall(), 3),
+                          reason="nothing due yet: every recording left waits out its back-off or is in progress")
             await sleep_or_stop(self.clock, wait, self.stop, self._finished, self._wakeup)
             self._wakeup.clear()
             return
@@ -366,7 +383,11 @@ class Scheduler:
             if row.key not in self._busy_keys:
                 self._busy_keys.append(row.key)
             if len(self._busy_keys) >= BUSY_BURST:
-                self._pause(exc, "PbxBusyError")
+                if debug_enabled():
+                    log.debug("scheduler.decision", recording=row.ref, decision="pause",
+                              reason=f"{len(self._busy_keys)} different recordings in a row met "
+                                     f"{type(exc).__name__}: the PBX, not them")
+                self._pause(exc, type(exc).__name__)
         except RetryableError as exc:
             await self._reschedule(row, exc, exc.retry_after_s, burn=True)
         except ArchiverError as exc:
@@ -375,6 +396,9 @@ class Scheduler:
             log.exception("download.unexpected_error", recording=row.ref)
             await self._reschedule(row, exc, None, burn=True)
         else:
+            if debug_enabled():
+                _state_changed(row, "in_progress", "done", "merged into another row" if result.merged else
+                               "downloaded" if result.downloaded else "adopted a file already in the archive")
             self._busy_keys.clear()
             self._url_turns.pop(row.key, None)
             self._auth_failures = 0
@@ -418,6 +442,10 @@ class Scheduler:
     async def _finish_permanent(self, row: Row, exc: PermanentError) -> None:
         now, state, error = self.clock.wall(), exc.state, str(exc)
         await self._ledger_write(row, lambda db: db.finish(row.key, state=state, error=error, now=now))
+        if debug_enabled():
+            _state_changed(row, "in_progress", state, error)
+            log.debug("scheduler.decision", recording=row.ref, decision="give_up", reason=error,
+                      permanent=True)
         if exc.state == "missing":
             self.stats.missing += 1
             if len(self.stats.missing_refs) < MISSING_NAMED:
@@ -431,6 +459,9 @@ class Scheduler:
     async def _release(self, row: Row) -> None:
         now = self.clock.wall()
         await self._ledger_write(row, lambda db: db.release(row.key, now=now))
+        if debug_enabled():
+            _state_changed(row, "in_progress", "pending",
+                           "given back untouched (a pause, a refusal or the shutdown); no attempt counted")
 
     async def _reschedule(self, row: Row, exc: BaseException, retry_after_s: float | None, *, burn: bool,
                           grace: bool = False) -> None:
@@ -450,6 +481,12 @@ class Scheduler:
         state = await self._ledger_write(row, functools.partial(
             _reschedule_row, key=row.key, error=error, next_at=now + delay, burn=burn,
             max_attempts=self.cfg.downloads.max_attempts, now=now))
+        if debug_enabled():
+            if state is not None:
+                _state_changed(row, "in_progress", state, error)
+            log.debug("scheduler.decision", recording=row.ref, decision=retry_decision(state, burn=burn),
+                      reason=error, attempt=attempt, max_attempts=self.cfg.downloads.max_attempts,
+                      retry_in_s=round(delay, 3), grace=grace)
         if state == "failed":
             self.stats.failed += 1
             self._failed(row, error)
@@ -517,3 +554,8 @@ class Scheduler:
 def _reschedule_row(db: LedgerDb, *, key: str, error: str, next_at: float, burn: bool, max_attempts: int,
                     now: float) -> str:
     return db.reschedule(key, error=error, next_at=next_at, burn=burn, max_attempts=max_attempts, now=now)
+
+
+def _state_changed(row: Row, before: str, after: str, reason: str) -> None:
+    """The debug event of a recording's ledger state change (callers test ``debug_enabled`` first)."""
+    log.debug("ledger.state_changed", recording=row.ref, from_state=before, to_state=after, reason=reason)

@@ -43,6 +43,7 @@ PBX_PAUSES = frozenset({"pbx_unreachable", "pbx_busy", "certificate", "token_lim
 _PAUSE_LABELS = {
     "PbxUnavailableError": "pbx_unreachable",
     "PbxBusyError": "pbx_busy",
+    "PbxServerError": "pbx_busy",  # a 5xx: the same alert as busy, the documented label set unchanged
     "TlsError": "certificate",
     "TokenLimitError": "token_limit",
     "FatalAuthError": "credentials",

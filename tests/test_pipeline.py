@@ -315,7 +315,7 @@ async def test_progress_is_a_live_line_on_a_tty_and_log_events_otherwise(start_s
                        progress=progress_reporter(tty, interval_s=0.05))
     line = tty.getvalue()
     assert "\r" in line and "/30" in line and "MB/s" in line and "ETA" in line
-    assert line.rstrip("\n").rsplit("\r", 1)[-1].strip().startswith("30/30")
+    assert line.rstrip("\n").rsplit("\r", 1)[-1].removeprefix("\x1b[K").strip().startswith("30/30")  # after erase-line
     (tmp_path / "again").mkdir()
     cfg2 = write_config(tmp_path / "again", sim.base_url, extra={"sources": {"ids": [1000, 1001]}})
     with structlog.testing.capture_logs() as logs:
