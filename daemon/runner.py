@@ -33,6 +33,7 @@ from daemon.hooks import HookJob, HookRunner
 from daemon.identity import PbxIdentity
 from daemon.ledger import Ledger, LedgerDb, Ref, RunLock, check_state_access
 from daemon.live import Pipeline
+from daemon.logins import LoginMemory, login_memory_path
 from daemon.logs import set_level
 from daemon.notify import Notifier
 from daemon.preflight import NO_SOURCE, configured_sources
@@ -137,6 +138,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
+            logins=LoginMemory(login_memory_path(cfg.state.path), cfg.pbx.base_url, clock),
             # Sized for the most workers a reload may ask for, and the URLs resolved ahead of them: a pool
             # wait counts against the connect timeout.
             workers=MAX_WORKERS + MAX_PREFETCH_URLS))
