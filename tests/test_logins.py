@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.client import PbxClient
 from daemon.clock import ManualClock
 from daemon.logins import (
     FAILED_LOGIN_LIMIT,
@@ -18,7 +19,7 @@ from daemon.logins import (
     login_refusal,
     refusal_message,
 )
-from tests.conftest import run_cli, sim_counters, simulator_subprocess, write_config
+from tests.conftest import SimFactory, pbx_config, run_cli, sim_counters, simulator_subprocess, write_config
 
 H = FAILED_LOGIN_WINDOW_S
 NOW = 1_700_000_000.0
@@ -105,3 +106,24 @@ def test_once_remembers_its_failed_login_for_check(tmp_path: Path) -> None:
         refused = run_cli("check", "-c", str(cfg))
         assert refused.returncode == 3 and "not logging in" in refused.stderr
         assert sim_counters(base_url)["failed_logins"] == 3
+
+
+async def test_a_refused_login_in_run_waits_only_until_the_next_try_is_allowed(start_sim: SimFactory,
+                                                                               tmp_path: Path) -> None:
+    """`run` gets the wait as retry_after_s (its scheduler pauses that long), then logs in: never refused for ever."""
+    sim = await start_sim()
+    clock = ManualClock()
+    path = login_memory_path(tmp_path / "ledger.db")
+    memory = LoginMemory(path, sim.base_url, clock)
+    for _ in range(FAILED_LOGIN_LIMIT):
+        memory.failed()
+    async with PbxClient(pbx_config(sim.base_url), clock=clock, logins=memory) as client:
+        with pytest.raises(LoginRefusedError) as info:
+            await client.list_recordings(page_size=1)
+        assert info.value.exit_code == 3 and info.value.retry_after_s == H
+        assert sim.counters.requests["get_token"] == 0
+        clock.advance(H)
+        client.tokens.clear_fatal()     # what the scheduler does when its pause is over
+        await client.list_recordings(page_size=1)
+    assert sim.counters.logins == 1
+    assert not path.exists()            # a successful login forgets the failures
