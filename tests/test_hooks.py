@@ -247,3 +247,18 @@ async def test_failing_hooks_never_hold_up_the_archive(start_sim: SimFactory, tm
     assert result.counts["done"] == 4 and result.stats.failed == 0
     failed = [e for e in logs if e["event"] == "hook.failed"]
     assert len(failed) == 4 and {(e["exit_code"], e["stderr"]) for e in failed} == {(3, "crm down")}
+
+
+async def test_a_live_run_counts_hook_outcomes_in_its_metrics(start_sim: SimFactory, tmp_path: Path) -> None:
+    from tests.test_metrics import _until, start_live_run, stop_live_run, value
+    sim = await start_sim(count=3)
+    live = await start_live_run(sim, tmp_path, hooks={"on_archived": [sys.executable, "-c", "raise SystemExit(3)"]})
+    try:
+        async def counted() -> bool:
+            return value(await live.samples(), "yeastar_archiver_hook_runs_total", outcome=FAILED) == 3
+        await _until(counted)
+        samples = await live.samples()
+        assert value(samples, "yeastar_archiver_hook_runs_total", outcome=OK) == 0
+        assert value(samples, "yeastar_archiver_hook_runs_total", outcome=DROPPED) == 0
+    finally:
+        await stop_live_run(live)
