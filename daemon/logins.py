@@ -116,12 +116,24 @@ class LoginMemory:
     def _write(self, data: dict[str, object]) -> None:
         # Its folder is the state folder; the first `check` on a new machine may come before any run.
         # Never its parents: an unmounted archive disk must not become a folder.
-        self.path.parent.mkdir(mode=0o700, exist_ok=True)
+        folder = self.path.parent
+        try:
+            folder.mkdir(mode=0o700)
+            created = True
+        except FileExistsError:
+            created = False
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, json.dumps(data).encode())
             os.fsync(fd)
+            if os.geteuid() == 0:
+                # `check` as root (as the deploy recipe runs it): what it leaves must stay the service
+                # user's, or the service could not use its own state folder afterwards.
+                owner = (folder.parent if created else folder).stat()
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+                if created:
+                    os.chown(folder, owner.st_uid, owner.st_gid)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,24 @@ async def test_a_refused_login_in_run_waits_only_until_the_next_try_is_allowed(s
         await client.list_recordings(page_size=1)
     assert sim.counters.logins == 1
     assert not path.exists()            # a successful login forgets the failures
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: check run as root on the service user's folders")
+def test_check_as_root_leaves_the_memory_and_a_new_state_folder_to_the_folders_owner(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.chown(archive, 65534, 65534)
+    state = archive / ".yeastar-archiver"
+    memory = LoginMemory(login_memory_path(state / "ledger.db"), "https://pbx", ManualClock())
+    memory.failed()
+    assert (state.stat().st_uid, state.stat().st_gid) == (65534, 65534)
+    assert state.stat().st_mode & 0o777 == 0o700
+    written = login_memory_path(state / "ledger.db").stat()
+    assert (written.st_uid, written.st_gid, written.st_mode & 0o777) == (65534, 65534, 0o600)
+
+
+def test_the_memory_never_creates_the_archive_folder(tmp_path: Path) -> None:
+    memory = LoginMemory(login_memory_path(tmp_path / "unmounted" / ".yeastar-archiver" / "ledger.db"),
+                         "https://pbx", ManualClock())
+    memory.failed()   # logged, not raised: losing the memory is never worse than having none
+    assert not (tmp_path / "unmounted").exists()
