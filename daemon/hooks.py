@@ -53,9 +53,16 @@ class HookJob:
                    sidecar=sidecar_bytes(record if record is not None else {"sha256": sha256}))
 
 
+# Not passed on: the daemon's own settings (environment overrides may carry a secret) and systemd's
+# channel to the daemon (a hook must not speak for it: READY=1, WATCHDOG=1).
+_NOT_INHERITED_PREFIXES = ("YEASTAR_ARCHIVER_", "NOTIFY_SOCKET", "WATCHDOG_")
+
+
 def hook_env(base: Mapping[str, str], job: HookJob) -> dict[str, str]:
-    """The environment of one hook run: the daemon's own plus the recording's three variables. Pure."""
-    return {**base, ENV_PATH: str(job.path), ENV_RECORDING: job.recording, ENV_SHA256: job.sha256}
+    """The environment of one hook run: the daemon's own, less its settings and systemd's notify
+    channel, plus the recording's three variables. Pure."""
+    kept = {k: v for k, v in base.items() if not k.startswith(_NOT_INHERITED_PREFIXES)}
+    return {**kept, ENV_PATH: str(job.path), ENV_RECORDING: job.recording, ENV_SHA256: job.sha256}
 
 
 def outcome(returncode: int, *, timed_out: bool, killed: bool) -> str:

@@ -94,10 +94,16 @@ def test_a_bad_hooks_value_is_reported_with_its_key_path(key: str, value: Any, f
     assert fragment in info.value.problems[0]
 
 
-def test_hook_env_adds_the_recordings_three_variables_to_the_daemons() -> None:
+@pytest.mark.parametrize(("base", "kept"), [
+    ({"PATH": "/usr/bin", "LANG": "C.UTF-8"}, {"PATH": "/usr/bin", "LANG": "C.UTF-8"}),
+    ({ENV_PATH: "stale"}, {}),
+    ({"YEASTAR_ARCHIVER_PBX__CLIENT_SECRET": "s3cret", "YEASTAR_ARCHIVER_CONFIG": "/etc/x.yaml"}, {}),
+    ({"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, {}),
+])
+def test_hook_env_is_the_daemons_less_its_settings_plus_the_recordings_three_variables(
+        base: dict[str, str], kept: dict[str, str]) -> None:
     job = HookJob(recording="1007", path=Path("/srv/a/1007.wav"), sha256="ab" * 32, sidecar=b"{}")
-    assert hook_env({"PATH": "/usr/bin", ENV_PATH: "stale"}, job) == {
-        "PATH": "/usr/bin", ENV_PATH: "/srv/a/1007.wav", ENV_RECORDING: "1007", ENV_SHA256: "ab" * 32}
+    assert hook_env(base, job) == {**kept, ENV_PATH: "/srv/a/1007.wav", ENV_RECORDING: "1007", ENV_SHA256: "ab" * 32}
 
 
 @pytest.mark.parametrize(("returncode", "timed_out", "killed", "expected"), [
