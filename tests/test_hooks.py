@@ -268,3 +268,27 @@ async def test_a_live_run_counts_hook_outcomes_in_its_metrics(start_sim: SimFact
         assert value(samples, "yeastar_archiver_hook_runs_total", outcome=DROPPED) == 0
     finally:
         await stop_live_run(live)
+
+
+def test_sigterm_kills_a_hanging_hook_and_its_children_after_the_grace_and_run_exits_0(tmp_path: Path) -> None:
+    from tests.conftest import simulator_subprocess
+    from tests.test_daemon import _start_run, _stop
+    script = tmp_path / "hang.py"
+    script.write_text(HANGER)
+    fifo = tmp_path / "child.pid"
+    os.mkfifo(fifo)
+    with simulator_subprocess("--count", "1") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={
+            "sources": {"ids": [1000]}, "service": {"shutdown_grace_s": 1},
+            "hooks": {"on_archived": [sys.executable, str(script), str(fifo)], "timeout_s": 600}})
+        proc = _start_run(cfg)
+        try:
+            child = int(fifo.read_text())   # returns once the recording is archived and its hook runs
+        except BaseException:
+            proc.kill()
+            raise
+        code, err = _stop(proc)
+    assert code == 0, err
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert "hook.killed" in events and "download.completed" in events
+    assert not _alive(child)
