@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "act on is named with why (unknown, already archived, missing, ...)")
     retry.add_argument("--missing", action="store_true",
                        help="missing recordings too (the PBX did not have them; they may have appeared since)")
-    command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out")
+    command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out").add_argument(
+        "--force-login", action="store_true",
+        help="log in even after 3 failed logins within an hour (the PBX blocks the IP after 5 in a row)")
     verify = command("verify", cmd_verify, "re-read every archived copy (local and S3), report and mend damage")
     verify.add_argument("--json", action="store_true", help="one JSON object")
     verify.add_argument("--read-data", action="store_true", help="read S3 objects back in full (not only HEAD)")
@@ -346,11 +348,14 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
 
 
 # ---------------------------------------------------------------- check
-async def check_pbx(cfg: Config) -> str:
+async def check_pbx(cfg: Config, *, force_login: bool = False) -> str:
     """Log in, read which PBX it is, list one recording, revoke the token; returns a one-line report.
-    Raises ArchiverError."""
+    Raises ArchiverError (LoginRefusedError, without contacting the PBX, after recent failed logins)."""
     from daemon.client import PbxClient
-    async with PbxClient(cfg.pbx, read_timeout_s=cfg.downloads.read_timeout_s) as client:
+    from daemon.clock import SystemClock
+    from daemon.logins import LoginMemory, login_memory_path
+    logins = LoginMemory(login_memory_path(cfg.state.path), cfg.pbx.base_url, SystemClock(), force=force_login)
+    async with PbxClient(cfg.pbx, read_timeout_s=cfg.downloads.read_timeout_s, logins=logins) as client:
         info = await client.system_info()
         page = await client.check()
     who = (f"PBX serial {info.get('sn', '?')}, firmware {info.get('firmware_version', '?')}" if info
@@ -379,7 +384,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             _err(f"check: FAILED: {finding.text}")
             local = EXIT_CONFIG
-    remote = _check_pbx_line(cfg)
+    remote = _check_pbx_line(cfg, force_login=args.force_login)
     if cfg.archive.s3 is not None and remote == EXIT_OK:
         remote = _check_s3(cfg)
     return remote or local
@@ -395,15 +400,20 @@ def _print_effective_config(cfg: Config) -> None:
         print(f"  {line}")
 
 
-def _check_pbx_line(cfg: Config) -> int:
+def _check_pbx_line(cfg: Config, *, force_login: bool = False) -> int:
     import asyncio
+
+    from daemon.logins import LoginRefusedError
     try:
-        report = asyncio.run(check_pbx(cfg))
+        report = asyncio.run(check_pbx(cfg, force_login=force_login))
     except ConfigError as exc:
         return _config_failed(exc)
     except PbxConfigError as exc:
         _err(f"check: the PBX says the configuration is wrong: {exc}")
         return exc.exit_code
+    except LoginRefusedError as exc:
+        _err(f"check: {exc}")
+        return EXIT_AUTH
     except FatalAuthError as exc:
         _err(f"check: PBX refused us: {exc}")
         return EXIT_AUTH

@@ -46,6 +46,7 @@ from daemon.errors import (
     TransferError,
     UrlExpiredError,
 )
+from daemon.logins import LoginMemory
 from daemon.logs import debug_enabled, redact_text, remember_secret
 
 log = structlog.get_logger("daemon.client")
@@ -426,6 +427,7 @@ class TokenManager:
         self._limit_until = -math.inf
         self.logins = 0
         self.refreshes = 0
+        self.logins_memory: LoginMemory | None = None   # failed logins across processes (never with no state)
 
     @property
     def fatal(self) -> FatalAuthError | None:
@@ -561,10 +563,18 @@ class TokenManager:
                 log.info("token.refreshed", expires_in_s=self._lifetime_s)
                 return
         await self._revoke_quietly()
+        if self.logins_memory is not None:
+            try:
+                self.logins_memory.before_login()
+            except FatalAuthError as exc:   # no request sent; `run` waits until the next try is allowed
+                self._fatal = exc
+                raise
         try:
             data = await self._client.call_raw("get_token", {
                 "username": self._cfg.client_id, "password": self._cfg.client_secret.reveal()}, login=True)
         except FatalAuthError as exc:
+            if self.logins_memory is not None and exc.errcode == -1:
+                self.logins_memory.failed()
             self._fatal = exc
             self._access = self._refresh = None
             log.error("auth.fatal", errcode=exc.errcode, reason=exc.message)
@@ -575,6 +585,8 @@ class TokenManager:
             raise
         self._store(data)
         self.logins += 1
+        if self.logins_memory is not None:
+            self.logins_memory.succeeded()
         log.info("token.obtained", expires_in_s=self._lifetime_s)
 
     async def _revoke_quietly(self) -> None:
@@ -602,13 +614,15 @@ class PbxClient:
     """An async context manager around one ClientSession; ``close`` revokes the token."""
 
     def __init__(self, cfg: PbxConfig, *, clock: Clock | None = None, read_timeout_s: float = 60.0,
-                 url_lifetime_s: float = 1800.0, token_store: Path | None = None, workers: int = 4) -> None:
+                 url_lifetime_s: float = 1800.0, token_store: Path | None = None, workers: int = 4,
+                 logins: LoginMemory | None = None) -> None:
         self.cfg = cfg
         # Every worker may hold a file transfer; pool waits would count against the connect timeout.
         self._pool_size = workers + POOL_SPARE
         self.close_timeout_s = cfg.timeout_s
         self.clock = clock or SystemClock()
         self.tokens = TokenManager(self, cfg, self.clock, token_store)
+        self.tokens.logins_memory = logins
         self.pacer = Pacer(cfg.requests_per_second, self.clock)
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+import shlex
 import stat
 import string
 from collections.abc import Callable, Mapping
@@ -184,6 +185,16 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class HooksConfig:
+    """Commands run for events of the archive (``hooks``); empty: none."""
+
+    on_archived: tuple[str, ...] = ()   # argv, no shell; a string in the file is split like a shell would
+    max_concurrent: int = 2
+    timeout_s: float = 60.0
+    max_queued: int = 100               # hook runs waiting for a slot; beyond this one is dropped (logged)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -200,6 +211,7 @@ class Config:
     logging: LoggingConfig
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -403,6 +415,21 @@ def _since(value: Any) -> int | str | None:
     text = _text(value).strip()
     dt.date.fromisoformat(text)
     return text
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    """A command: a list of strings, or a string split by shell rules (no shell ever runs it)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        argv = shlex.split(value)
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        argv = list(value)
+    else:
+        raise TypeError
+    if not argv or not argv[0].strip():
+        raise ValueError
+    return tuple(argv)
 
 
 def _call_types(value: Any) -> tuple[str, ...]:
@@ -666,6 +693,19 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     )
     vf.finish()
 
+    hk = top.section("hooks")
+    no_command: tuple[str, ...] = ()
+    hooks_cfg = HooksConfig(
+        on_archived=hk.get("on_archived", _argv, no_command,
+                           "a command as a list such as [/usr/local/bin/transcribe, --lang, de], or one string "
+                           "split like a shell would (no shell runs it), or null"),
+        max_concurrent=hk.get("max_concurrent", _int, 2, "an integer from 1 to 64", check=lambda v: 1 <= v <= 64),
+        timeout_s=hk.get("timeout_s", _number, 60.0, "seconds > 0", check=positive),
+        max_queued=hk.get("max_queued", _int, 100, "an integer from 0 to 100000",
+                          check=lambda v: 0 <= v <= 100000),
+    )
+    hk.finish()
+
     lg = top.section("logging")
     logging_cfg = LoggingConfig(
         format=cast(LogFormat, lg.get("format", _choice("auto", "json", "console"), "auto",
@@ -703,6 +743,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         logging=logging_cfg,
         notify=notify,
         verify=verify_cfg,
+        hooks=hooks_cfg,
         source_path=source_path,
         warnings=tuple(warnings),
     )

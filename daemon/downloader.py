@@ -81,6 +81,7 @@ class Archived:
     sha256: str
     downloaded: bool
     merged: bool = False   # archived under another ledger row for the same recording; this row is settled
+    record: dict[str, Any] | None = None   # the sidecar's data (whether or not sidecars are written): for hooks
 
 
 class CommitNotRecorded(LedgerError):
@@ -677,7 +678,9 @@ class Downloader:
         if not sidecar_done:
             await self._write_sidecar(row, dir_fd, rel, completion, rec_id)
         log.info("download.completed", recording=row.ref, path=str(rel), size=size, fetched=downloaded)
-        return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded)
+        record = sidecar_data(rec_id=rec_id if rec_id is not None else row.rec_id, file=completion["file"], size=size,
+                              sha256=sha, archived_at=now, meta=row.meta, pbx_sn=self.pbx_sn)
+        return Archived(final_path=str(rel), size=size, sha256=sha, downloaded=downloaded, record=record)
 
     async def complete_later(self, row: Row, completion: dict[str, Any]) -> None:
         """Record a recording that was committed while the ledger could not take it, then write its

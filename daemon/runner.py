@@ -29,9 +29,11 @@ from daemon.errors import (
     StorageError,
     TlsError,
 )
+from daemon.hooks import HookJob, HookRunner
 from daemon.identity import PbxIdentity
 from daemon.ledger import Ledger, LedgerDb, Ref, RunLock, check_state_access
 from daemon.live import Pipeline
+from daemon.logins import LoginMemory, login_memory_path
 from daemon.logs import set_level
 from daemon.notify import Notifier
 from daemon.preflight import NO_SOURCE, configured_sources
@@ -136,6 +138,7 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         client = await stack.enter_async_context(PbxClient(
             cfg.pbx, clock=clock, read_timeout_s=cfg.downloads.read_timeout_s,
             url_lifetime_s=cfg.downloads.url_lifetime_s, token_store=token_store_path(cfg),
+            logins=LoginMemory(login_memory_path(cfg.state.path), cfg.pbx.base_url, clock),
             # Sized for the most workers a reload may ask for, and the URLs resolved ahead of them: a pool
             # wait counts against the connect timeout.
             workers=MAX_WORKERS + MAX_PREFETCH_URLS))
@@ -171,6 +174,14 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                               on_archived=metrics.download_seconds.observe)
         if hurry is not None:
             scheduler.hurry = hurry
+        hooks = HookRunner(cfg.hooks, lambda result: metrics.hook_runs.labels(outcome=result).inc(),
+                           grace_s=cfg.service.shutdown_grace_s, stop=stop, hurry=scheduler.hurry)
+        if hooks.enabled:
+            hooks.start()
+            stack.push_async_callback(hooks.close, drain=False)   # an error on the way: kill what runs
+            archive_root = cfg.archive.dir
+            scheduler.on_done = lambda row, result: hooks.submit(HookJob.archived(
+                archive_root, row.ref, result.final_path, result.sha256, result.record))
         pipeline = Pipeline(ledger, scheduler, downloader, copier)
         await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline
@@ -232,6 +243,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                 copying.cancel()
                 await asyncio.gather(copying, return_exceptions=True)
             health.stopping = True
+            # once: the hooks of what was archived run before it ends; a stop gives them the grace.
+            await hooks.close(drain=once and not stop.is_set())
             tail_deadline = clock.monotonic() + STOP_TAIL_S
             await background.close()
             done.set()  # the reporter draws its final line, the notifier sends what is queued

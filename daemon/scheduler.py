@@ -26,7 +26,7 @@ import structlog
 from daemon.client import BLOCK_LIFT_MARGIN_S, PbxClient
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
-from daemon.downloader import CommitNotRecorded, Downloader
+from daemon.downloader import Archived, CommitNotRecorded, Downloader
 from daemon.errors import (
     ArchiverError,
     DeferredError,
@@ -105,7 +105,8 @@ class Scheduler:
 
     def __init__(self, cfg: Config, ledger: Ledger, downloader: Downloader, client: PbxClient, clock: Clock,
                  stop: asyncio.Event, *, once: bool, rand: Callable[[], float] = random.random,
-                 on_archived: Callable[[float], None] | None = None) -> None:
+                 on_archived: Callable[[float], None] | None = None,
+                 on_done: Callable[[Row, Archived], None] | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.downloader = downloader
@@ -116,6 +117,7 @@ class Scheduler:
         self.rand = rand
         self.stats = RunStats()
         self.on_archived = on_archived
+        self.on_done = on_done   # must not wait: it is called in the worker's turn (the hooks' submit)
         self.last_turn_at = clock.monotonic()
         self.last_success_wall = 0.0
         self.fatal: FatalAuthError | None = None
@@ -414,6 +416,8 @@ class Scheduler:
             self.last_success_wall = self.clock.wall()
             if self.on_archived is not None:
                 self.on_archived(self.clock.monotonic() - started)
+            if self.on_done is not None:
+                self.on_done(row, result)
             self.stats.bytes += result.size if result.downloaded else 0
             if result.downloaded:
                 self.stats.downloaded += 1

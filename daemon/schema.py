@@ -33,6 +33,9 @@ _OPTIONAL = {"Config": {"sources", "state", "downloads", "service", "logging"}, 
 _KEYS: dict[str, dict[str, dict[str, Any]]] = {
     "PbxConfig": {"client_secret": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}},
     "StateConfig": {"path": {"anyOf": [{"type": "string"}, {"type": "null"}]}},   # null: the default place
+    # A command: argv, or one string split by shell rules.
+    "HooksConfig": {"on_archived": {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+                                              {"type": "string", "minLength": 1}, {"type": "null"}]}},
     "DiscoverConfig": {
         "since": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "format": "date"},
                             {"type": "null"}]},

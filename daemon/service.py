@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     GCCollector,
     Histogram,
     PlatformCollector,
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 from daemon import __version__
 from daemon.clock import Clock, sleep_or_stop
 from daemon.discovery import KV_LAST_POLL, KV_LAST_SWEEP
+from daemon.hooks import OUTCOMES as HOOK_OUTCOMES
 from daemon.logs import redact_text
 from daemon.supervise import Loops
 from daemon.verify import KV_LAST_REPORT, KV_LAST_RUN
@@ -389,6 +391,11 @@ class Metrics:
         self.download_seconds = Histogram(
             "yeastar_archiver_download_seconds", "One recording from claim to commit, seconds",
             registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.hook_runs = Counter(
+            "yeastar_archiver_hook_runs", "hooks.on_archived runs by outcome (dropped: the backlog was full)",
+            ["outcome"], registry=self.registry)
+        for name in HOOK_OUTCOMES:   # every series from the start: an alert on rate() needs the zero
+            self.hook_runs.labels(outcome=name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

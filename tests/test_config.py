@@ -198,7 +198,8 @@ def test_config_example_is_valid_and_documents_every_key(monkeypatch: pytest.Mon
     for section, cls in [("pbx", c.PbxConfig), ("sources", c.SourcesConfig), ("archive", c.ArchiveConfig),
                          ("downloads", c.DownloadsConfig), ("service", c.ServiceConfig),
                          ("logging", c.LoggingConfig), ("state", c.StateConfig), ("notify", c.NotifyConfig),
-                         ("tls", c.TlsConfig), ("s3", c.S3Config), ("verify", c.VerifyConfig)]:
+                         ("tls", c.TlsConfig), ("s3", c.S3Config), ("verify", c.VerifyConfig),
+                         ("hooks", c.HooksConfig)]:
         for f in fields(cls):
             assert f"  {f.name}:" in text or f"# {f.name}:" in text, f"{section}.{f.name} missing from the example"
     for f in fields(c.DiscoverConfig):
