@@ -16,6 +16,13 @@ Every archived file is checked byte for byte, block by block.
     .venv/bin/python bench/throughput.py                  # A, B and C; median of 3
     .venv/bin/python bench/throughput.py --scenario B --runs 1
     .venv/bin/python bench/throughput.py --scenario A --scenario B --dir /dev/shm   # on tmpfs: no fsync cost
+    .venv/bin/python bench/throughput.py --scenario A --scenario B --files nginx --dir /dev/shm
+
+`--files nginx` puts nginx in front of the simulator, as a PBX's own web server is: every request goes
+to nginx, which passes it to the simulator; a file request the simulator accepts (token, the URL's
+life) is answered with X-Accel-Redirect, and nginx sends the bytes from static files written out once
+per scenario. Both the archiver and aria2c then get every file's bytes from nginx. (L and C ignore it.)
+aria2c's URLs are resolved with 4 threads, as a script feeding it would.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.simulator import BLOCK, SimOptions, make_recordings, recording_block  # noqa: E402
+from daemon.simoptions import SimOptions  # noqa: E402
+from daemon.simulator import BLOCK, make_recordings, recording_block, recording_bytes  # noqa: E402
 
 SCENARIOS = {"A": (24, 24 * 1024 * 1024), "B": (2000, 64 * 1024)}
 GIB = 1024 ** 3
@@ -45,13 +53,97 @@ GIB = 1024 ** 3
 
 RESOLVE_DELAY_S = 0.05
 WORK_DIR: str | None = None   # --dir: where the archives go (tmpfs takes the fsync cost out)
+FILES = "simulator"           # --files: who serves the recordings' bytes (simulator or nginx)
+RESOLVE_THREADS = 4
+
+NGINX_CONF = """\
+worker_processes 2;
+{user}
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/tmp; proxy_temp_path {prefix}/tmp; fastcgi_temp_path {prefix}/tmp;
+    uwsgi_temp_path {prefix}/tmp; scgi_temp_path {prefix}/tmp;
+    types {{ audio/x-wav wav; audio/mpeg mp3; }}
+    upstream sim {{ server {sim}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        # The simulator checks each file request (token, the URL's 30 minutes) and names the file;
+        # nginx serves its bytes from disk, as the PBX's own web server does.
+        location /_files/ {{ internal; alias {files}/; }}
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
 
 
-def start_simulator(count: int, size: int, resolve_delay_s: float = 0.0) -> tuple[subprocess.Popen[str], str]:
+def ensure_nginx() -> str:
+    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if path is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "nginx"], check=True, stdout=subprocess.DEVNULL)
+        path = shutil.which("nginx") or "/usr/sbin/nginx"
+    return path
+
+
+class NginxFront:
+    """nginx on a free loopback port: the recordings of ``opts`` as static files, the API passed to the
+    simulator at ``sim_url``."""
+
+    def __init__(self, opts: SimOptions, sim_url: str) -> None:
+        import socket
+        self.prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=WORK_DIR))
+        files = self.prefix / "files"
+        files.mkdir()
+        for rec in make_recordings(opts):
+            (files / rec.file).write_bytes(recording_bytes(opts.seed, opts.format, rec))
+        (self.prefix / "tmp").mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (self.prefix / "nginx.conf").write_text(NGINX_CONF.format(
+            # As root, nginx's workers would run as nobody, who cannot enter the 0700 temp folder.
+            user="user root;" if os.geteuid() == 0 else "", prefix=self.prefix, sim=sim_url.removeprefix("http://"),
+            port=port, files=files))
+        self.proc = subprocess.Popen([ensure_nginx(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"),
+                                      "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError as exc:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise SystemExit(f"nginx did not start: {err}") from exc
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)   # graceful stop
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def start_simulator(count: int, size: int, resolve_delay_s: float = 0.0,
+                    accel: bool = False) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "simulate", "--port", "0", "--count", str(count),
          "--size-min", str(size), "--size-max", str(size),
-         *(["--resolve-delay", str(resolve_delay_s)] if resolve_delay_s else [])],
+         *(["--resolve-delay", str(resolve_delay_s)] if resolve_delay_s else []),
+         *(["--accel-redirect", "/_files/"] if accel else [])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert proc.stdout is not None
     match = re.search(r"(http://127\.0\.0\.1:\d+)", proc.stdout.readline())
@@ -117,8 +209,13 @@ def resolve_urls(base_url: str, ids: list[int]) -> tuple[list[str], str]:
             return data
     token = str(call("get_token", {"username": SimOptions.client_id, "password": SimOptions.client_secret})
                 ["access_token"])
-    urls = [f"{base_url}{call(f'recording/download?id={i}&access_token={token}')['download_resource_url']}"
-            f"?access_token={token}" for i in ids]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> str:
+        return f"{base_url}{call(f'recording/download?id={i}&access_token={token}')['download_resource_url']}" \
+            f"?access_token={token}"
+    with ThreadPoolExecutor(RESOLVE_THREADS) as pool:
+        urls = list(pool.map(one, ids))
     return urls, token
 
 
@@ -149,7 +246,10 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
     count, size = SCENARIOS[name]
     opts = SimOptions(count=count, size_min=size, size_max=size)
     ids = [r.id for r in make_recordings(opts)]
-    sim, base_url = start_simulator(count, size)
+    sim, base_url = start_simulator(count, size, accel=FILES == "nginx")
+    front = NginxFront(opts, base_url) if FILES == "nginx" else None
+    if front is not None:
+        base_url = front.base_url
     ours: list[dict[str, float]] = []
     theirs: list[dict[str, float]] = []
     resolve_s: list[float] = []
@@ -175,6 +275,8 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
+        if front is not None:
+            front.close()
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=10)
     total = count * size
@@ -187,10 +289,11 @@ def transfer_scenario(name: str, runs: int, aria2c: str) -> dict[str, object]:
                 "cpu_ms_per_recording": round(cpu / count * 1000, 2),
                 "peak_rss_mib": round(max(r["rss"] for r in rows) / 2**20, 1)}
     a, b = summary(ours), summary(theirs)
-    return {"scenario": name, "files": count, "file_bytes": size, "runs": runs, "archiver": a, "aria2c": b,
+    return {"scenario": name, "files": count, "file_bytes": size, "runs": runs, "served_by": FILES,
+            "archiver": a, "aria2c": b,
             "throughput_ratio": round(b["wall_s"] / a["wall_s"], 2),
             # aria2c cannot ask the PBX for URLs; with the one recording/download call per file that
-            # any client must make (here serial, from this script), the comparison is end to end.
+            # any client must make (here from this script, 4 threads), the comparison is end to end.
             "aria2c_resolve_s": round(statistics.median(resolve_s), 3),
             "throughput_ratio_with_resolve": round((b["wall_s"] + statistics.median(resolve_s)) / a["wall_s"], 2),
             "archiver_wall_s_all": [round(r["wall_s"], 3) for r in ours],
@@ -281,9 +384,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scenario", choices=["A", "B", "C", "L"], action="append")
     parser.add_argument("--dir", help="where the archives and aria2c's files go [the system's temp folder]")
+    parser.add_argument("--files", choices=["simulator", "nginx"], default="simulator",
+                        help="who serves the recordings in A and B: the simulator, or nginx in front of it")
     args = parser.parse_args()
-    global WORK_DIR
-    WORK_DIR = args.dir
+    global WORK_DIR, FILES
+    WORK_DIR, FILES = args.dir, args.files
     chosen = args.scenario or ["A", "B", "C", "L"]
     aria2c = ensure_aria2c() if {"A", "B"} & set(chosen) else ""
     for name in chosen:

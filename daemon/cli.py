@@ -242,6 +242,8 @@ def add_simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url-lifetime", type=float, default=d.url_lifetime_s, help="download URL lifetime, s")
     p.add_argument("--resolve-delay", type=float, default=0.0, metavar="S",
                    help="answer recording/download S seconds after it was asked (API latency)")
+    p.add_argument("--accel-redirect", metavar="PREFIX", default=None,
+                   help="answer a valid file request with X-Accel-Redirect: PREFIX<file name> (for nginx in front)")
     p.add_argument("--no-range", action="store_true", help="ignore Range headers (always answer 200)")
     p.add_argument("--hostile-names", action="store_true", help="give the first recordings hostile file names")
     for name in ("http500", "errcode", "busy", "cut", "stall", "json-body", "url-expired"):
@@ -284,6 +286,7 @@ def simulator_options(args: argparse.Namespace) -> SimOptions:
         format=args.format, seed=args.seed, client_id=args.client_id, client_secret=args.client_secret,
         token_lifetime_s=args.token_lifetime, refresh_lifetime_s=args.refresh_lifetime,
         url_lifetime_s=args.url_lifetime, resolve_delay_s=args.resolve_delay, range_support=not args.no_range,
+        accel_redirect=args.accel_redirect,
         hostile_names=args.hostile_names,
         http500_rate=args.http500_rate, errcode_rate=args.errcode_rate, busy_rate=args.busy_rate,
         cut_rate=args.cut_rate, stall_rate=args.stall_rate, json_body_rate=args.json_body_rate,

@@ -22,6 +22,9 @@ class SimOptions:
     refresh_lifetime_s: float = 86400.0
     url_lifetime_s: float = 1800.0
     resolve_delay_s: float = 0.0       # recording/download answers this long after it was asked (API latency)
+    # A web server in front serves the bytes: a valid file request is answered with an empty body and
+    # ``X-Accel-Redirect: <prefix><file name>`` (nginx's internal redirect to a static file).
+    accel_redirect: str | None = None
     max_tokens: int = 8
     block_after: int = 5
     range_support: bool = True

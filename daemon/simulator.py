@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -638,6 +639,8 @@ class Simulator:
                     return _error(60001)
                 return web.Response(status=int(answer) if answer in ("403", "410") else 404, text="Not Found")
             rec = transcoded(url.rec) if self.opts.mp3_transcode else url.rec
+            if self.opts.accel_redirect is not None:
+                return web.Response(headers={"X-Accel-Redirect": self.opts.accel_redirect + quote(rec.file)})
             return await self._serve_file(request, rec)
 
     def served_content(self, rec: Recording) -> bytes:

@@ -155,6 +155,27 @@ async def test_download_url_works_until_it_expires(start_sim: SimFactory, http: 
         assert r.status == 404
 
 
+async def test_with_a_web_server_in_front_a_valid_file_request_is_an_internal_redirect(
+        start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
+    """``accel_redirect`` (the bench's nginx mode): the token and the URL's life are still checked here;
+    only the bytes come from the web server, named by X-Accel-Redirect."""
+    from urllib.parse import quote
+    clock = ManualClock()
+    sim = await start_sim(clock=clock, count=30, url_lifetime_s=60, token_lifetime_s=3600, accel_redirect="/_files/")
+    rec = next(r for r in sim.recordings if "+" in r.file)
+    token = (await _login(http, sim))["access_token"]
+    resolved = await _get(http, sim, "recording/download", access_token=token, file=rec.file)
+    url = f"{sim.base_url}{resolved['download_resource_url']}"
+    async with http.get(url, params={"access_token": token}) as r:
+        assert r.status == 200 and await r.read() == b""
+        assert r.headers["X-Accel-Redirect"] == "/_files/" + quote(rec.file)
+    async with http.get(url, params={"access_token": "bad"}) as r:
+        assert "X-Accel-Redirect" not in r.headers and (await r.json())["errcode"] == 10004
+    clock.advance(61)
+    async with http.get(url, params={"access_token": token}) as r:
+        assert r.status == 404 and "X-Accel-Redirect" not in r.headers
+
+
 async def test_file_url_needs_a_valid_token(start_sim: SimFactory, http: aiohttp.ClientSession) -> None:
     sim = await start_sim(count=1)
     token = (await _login(http, sim))["access_token"]
