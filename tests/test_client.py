@@ -349,6 +349,9 @@ async def test_connection_refused_is_pbx_unavailable() -> None:
         with pytest.raises(PbxUnavailableError) as info:
             await client.check()
     assert "cannot connect" in str(info.value)
+    # A sentence naming where, not aiohttp's repr or errno text.
+    assert f"connection refused by 127.0.0.1:{port}" in str(info.value)
+    assert "Errno" not in str(info.value) and "Connect call failed" not in str(info.value)
 
 
 @pytest.mark.parametrize(("status", "header", "retry_after"), [(503, "7", 7.0), (429, "120", 120.0), (500, None, None)])
