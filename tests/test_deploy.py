@@ -64,6 +64,23 @@ def test_units_keep_the_service_contract(source: str) -> None:
     assert int(settings["WatchdogSec"]) > 60   # above the default read timeout of one stalled transfer
     assert settings["LoadCredential"].startswith("client_secret:")
     assert "ReadWritePaths" in settings and "ConfigurationDirectory" in settings
+    from daemon.service import START_EXTEND_INTERVAL_S
+    # The start-up reconcile asks for more time as it goes: the fixed budget need not cover it, only
+    # be long enough for the first request to land.
+    assert START_EXTEND_INTERVAL_S < int(settings["TimeoutStartSec"]) <= 120
+
+
+@pytest.mark.parametrize("source", list(UNITS))
+def test_units_point_at_the_documentation_pyproject_names(source: str) -> None:
+    """Documentation= is the address in pyproject's [project.urls] (Documentation, else Homepage), never a
+    made-up one or a file: path; with no public address yet, the units carry none."""
+    import tomllib
+    urls = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("urls", {})
+    want = urls.get("Documentation") or urls.get("Homepage")
+    docs = [line.split("=", 1)[1] for line in (REPO / "systemd" / source).read_text().splitlines()
+            if line.startswith("Documentation=")]
+    assert docs == ([want] if want else [])
+    assert all(d.startswith("https://") for d in docs)
 
 
 def test_dockerfile_passes_hadolint() -> None:
