@@ -318,3 +318,34 @@ def test_the_old_recipe_root_only_config_folder_is_a_clear_exit_2(reachable_root
     assert str(config) in done.stderr and "Permission denied" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
 
+
+# ---------------------------------------------------------------- the README's Docker recipe, for the container test
+
+def docker_recipe(image: str) -> list[str]:
+    """The README's Docker commands as tests/container/container-test.sh runs them, in the folder holding
+    config.yaml and client_secret: the same commands, with only what a test host needs changed — podman
+    for docker (no Docker engine), its host network (the simulator listens on the host's loopback), the
+    image it built, and no `sudo` (it runs as root). The image is built by the script itself."""
+    steps = []
+    for step in recipe_steps(readme_sh_block("## Deploy with Docker or Compose")):
+        if step.startswith("docker build"):
+            continue
+        step = step.removeprefix("sudo ").replace("&& sudo ", "&& ")
+        if step.startswith("docker run "):
+            words = step.split(" ")
+            step = " ".join(["podman", "run", "--network", "host", *words[2:-1], image])
+        steps.append(step)
+    return steps
+
+
+def test_the_container_test_runs_the_readme_docker_recipe() -> None:
+    """The secret's ownership is in the README's recipe, and the container test runs that recipe (not a
+    chown of its own): what passes there is what a reader of the README does."""
+    steps = docker_recipe("localhost/x:test")
+    assert "chown 10001:10001 client_secret && chmod 0600 client_secret" in steps
+    run = steps[-1]
+    assert run.startswith("podman run --network host -d ") and run.endswith(" localhost/x:test")
+    assert '-v "$PWD/client_secret:/run/secrets/client_secret:ro"' in run
+    script = (REPO / "tests" / "container" / "container-test.sh").read_text()
+    assert "docker_recipe" in script
+    assert "chown -R 10001" not in script and "chown 10001" not in script
