@@ -459,8 +459,8 @@ async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Sched
                             queue: QueueSource, notify: SdNotify) -> None:
     """SIGHUP: re-read the config; apply what is safe live, report the rest as needing a restart.
     In-flight downloads are never dropped (surplus workers retire after their current recording).
-    systemd hears ``RELOADING=1`` first and ``READY=1`` when done, whatever the outcome, so that
-    ``systemctl reload`` returns once the new config is in force (or refused)."""
+    systemd hears ``RELOADING=1`` first and ``READY=1`` when done, whatever the outcome, so that it
+    knows when the new config is in force (or refused) and never sees a reload that does not end."""
     current = cfg
     while True:
         await reload.wait()
