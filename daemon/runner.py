@@ -40,7 +40,16 @@ from daemon.preflight import NO_SOURCE, configured_sources
 from daemon.reconcile import ReconcileReport, check_identity, reconcile
 from daemon.resolver import RequestGate, Resolver
 from daemon.scheduler import RunStats, Scheduler, pause_delay
-from daemon.service import Health, HealthServer, Metrics, SdNotify, feed_watchdog
+from daemon.service import (
+    Health,
+    HealthServer,
+    Metrics,
+    SdNotify,
+    extend_start_timeout,
+    feed_watchdog,
+    monotonic_usec,
+    reloading_fields,
+)
 from daemon.sources import QueueTail, follow_queue
 from daemon.supervise import Loops, restart_delay, supervise
 from daemon.verify import Verifier, verify_loop
@@ -212,7 +221,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             background.start(supervise("verify", lambda: verify_loop(verifier, interval, rate, clock, stop),
                                        loops, clock, stop), "verify")
         if reload is not None and not once:
-            background.start(supervise("reload", lambda: _reload_on_signal(reload, cfg, scheduler, client, queue),
+            background.start(supervise("reload", lambda: _reload_on_signal(reload, cfg, scheduler, client, queue,
+                                                                         notify),
                                        loops, clock, stop), "reload")
         discovered = DiscoverOnce()
         if cfg.sources.discover.enabled:
@@ -317,7 +327,13 @@ async def _open_and_reconcile(cfg: Config, archive: ArchiveDir, clock: Clock, st
             try:
                 if ledger is None:
                     ledger = await Ledger(cfg.state.path).__aenter__()
-                report = await ledger.call(agree)
+                reconciled = asyncio.Event()
+                extending = asyncio.create_task(extend_start_timeout(notify, clock, reconciled))
+                try:
+                    report = await ledger.call(agree)
+                finally:
+                    reconciled.set()
+                    await extending
                 loops.ok("reconcile")
                 opened, ledger = ledger, None
                 return opened, report
@@ -453,38 +469,50 @@ class QueueSource:
 
 
 async def _reload_on_signal(reload: asyncio.Event, cfg: Config, scheduler: Scheduler, client: PbxClient,
-                            queue: QueueSource) -> None:
+                            queue: QueueSource, notify: SdNotify) -> None:
     """SIGHUP: re-read the config; apply what is safe live, report the rest as needing a restart.
-    In-flight downloads are never dropped (surplus workers retire after their current recording)."""
+    In-flight downloads are never dropped (surplus workers retire after their current recording).
+    systemd hears ``RELOADING=1`` first and ``READY=1`` when done, whatever the outcome, so that it
+    knows when the new config is in force (or refused) and never sees a reload that does not end."""
     current = cfg
     while True:
         await reload.wait()
         reload.clear()
-        if current.source_path is None:
-            log.warning("config.reload_failed", problems=["the configuration did not come from a file"])
-            continue
+        notify.send(*reloading_fields(monotonic_usec()))
         try:
-            new = await asyncio.to_thread(load_config, current.source_path)
-        except ConfigError as exc:
-            log.error("config.reload_failed", problems=exc.problems, action="keeping the running configuration")
-            continue
-        changed = changed_keys(current, new)
-        live = [k for k in changed if k in LIVE_KEYS]
-        if "logging.level" in live:
-            set_level(new.logging.level)
-        if "pbx.requests_per_second" in live:
-            client.pacer.set_rate(new.pbx.requests_per_second)
-        if "downloads.workers" in live:
-            scheduler.set_workers(new.downloads.workers)
-        if "sources.queue_file" in live or "sources.queue_poll_interval_s" in live:
-            await queue.restart(new)
-        log.info("config.reloaded", applied=live)
-        restart = [k for k in changed if k not in LIVE_KEYS]
-        if restart:
-            log.warning("config.restart_required", keys=restart,
-                        action="these changes take effect at the next restart")
-        # What was applied is now current; what needs a restart stays as running.
-        current = with_keys(current, new, live)
+            current = await _reload_once(current, scheduler, client, queue)
+        finally:
+            notify.send("READY=1")
+
+
+async def _reload_once(current: Config, scheduler: Scheduler, client: PbxClient, queue: QueueSource) -> Config:
+    """One reload: the config now in force (``current`` itself when the file is refused)."""
+    if current.source_path is None:
+        log.warning("config.reload_failed", problems=["the configuration did not come from a file"])
+        return current
+    try:
+        new = await asyncio.to_thread(load_config, current.source_path)
+    except ConfigError as exc:
+        log.error("config.reload_failed", problems=exc.problems, action="keeping the running configuration")
+        return current
+    changed = changed_keys(current, new)
+    live = [k for k in changed if k in LIVE_KEYS]
+    if "logging.level" in live:
+        set_level(new.logging.level)
+    if "pbx.requests_per_second" in live:
+        client.pacer.set_rate(new.pbx.requests_per_second)
+    if "downloads.workers" in live:
+        scheduler.set_workers(new.downloads.workers)
+    if "sources.queue_file" in live or "sources.queue_poll_interval_s" in live:
+        await queue.restart(new)
+    log.info("config.reloaded", applied=live)
+    restart = [k for k in changed if k not in LIVE_KEYS]
+    if restart:
+        log.warning("config.restart_required", keys=restart,
+                    action="these changes take effect at the next restart")
+    # What was applied is now current; what needs a restart stays as running.
+    applied: Config = with_keys(current, new, live)
+    return applied
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,41 @@ class SdNotify:
                 s.sendall("\n".join(fields).encode())
         except OSError as exc:
             log.warning("sd_notify.failed", error=str(exc))
+
+
+# While the start-up reconcile runs (it walks the whole archive: long on a big one) systemd is asked for
+# this much more time, again every START_EXTEND_INTERVAL_S: TimeoutStartSec= then only has to cover the
+# rest of the start. Three intervals, so that one late message never lets the timeout strike.
+START_EXTEND_INTERVAL_S = 20.0
+START_EXTEND_S = 3 * START_EXTEND_INTERVAL_S
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds: the clock systemd compares ``MONOTONIC_USEC=`` against."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def reloading_fields(now_usec: int) -> tuple[str, str]:
+    """What a reload announces before it starts (Type=notify-reload semantics): ``READY=1`` ends it."""
+    return "RELOADING=1", f"MONOTONIC_USEC={now_usec}"
+
+
+def extend_timeout_field(seconds: float) -> str:
+    """``EXTEND_TIMEOUT_USEC=``: systemd's start (or stop) timeout becomes now plus ``seconds``."""
+    return f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}"
+
+
+async def extend_start_timeout(notify: SdNotify, clock: Clock, done: asyncio.Event,
+                               interval_s: float = START_EXTEND_INTERVAL_S) -> None:
+    """Until ``done`` is set, ask systemd for three more ``interval_s`` every ``interval_s``: the first
+    at once. Used around the start-up reconcile, which runs on the ledger's thread and leaves the event
+    loop free to send these; a no-op outside systemd."""
+    if not notify.address:
+        return
+    while True:
+        notify.send(extend_timeout_field(3 * interval_s), "STATUS=reconciling the ledger with the archive")
+        if await sleep_or_stop(clock, interval_s, done):
+            return
 
 
 async def feed_watchdog(notify: SdNotify, alive: Callable[[], bool], clock: Clock, stop: asyncio.Event) -> None:

@@ -221,3 +221,109 @@ def test_notify_socket_addresses() -> None:
     assert SdNotify({}).address == ""
     assert SdNotify({"WATCHDOG_USEC": "4000000"}).watchdog_s == 4.0
     assert SdNotify({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_s is None
+
+
+def _first_after(lines: list[str], line: str, after: int) -> int:
+    return next(i for i, ln in enumerate(lines) if i > after and ln == line)
+
+
+def test_sighup_reload_speaks_reloading_with_monotonic_usec_then_ready(tmp_path: Path,
+                                                                     notify_socket: NotifySocket) -> None:
+    """Type=notify-reload semantics: each SIGHUP is RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, µs,
+    taken after the signal) and then READY=1 once the new config is in force, or refused: a refused file
+    must not leave the unit "reloading" for good."""
+    import yaml
+
+    from daemon.service import monotonic_usec
+    with simulator_subprocess("--count", "1") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}})
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
+                                env=cli_env(NOTIFY_SOCKET=str(notify_socket.path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: "READY=1" in notify_socket.lines())
+        data = yaml.safe_load(cfg.read_text())
+        data["logging"]["level"] = "debug"
+        cfg.write_text(yaml.safe_dump(data))
+        before = monotonic_usec()
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: notify_socket.lines().count("READY=1") >= 2)
+        after = monotonic_usec()
+        cfg.write_text("pbx: [not, a, mapping\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: notify_socket.lines().count("READY=1") >= 3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = notify_socket.lines()
+    ready = lines.index("READY=1")
+    reloads = [i for i, ln in enumerate(lines) if ln == "RELOADING=1"]
+    assert len(reloads) == 2 and reloads[0] > ready
+    for at in reloads:
+        assert lines[at + 1].startswith("MONOTONIC_USEC=")   # in the same datagram, right after it
+        assert _first_after(lines, "READY=1", at) < (reloads[1] if at == reloads[0] else len(lines))
+    assert before <= int(lines[reloads[0] + 1].split("=", 1)[1]) <= after
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert "config.reloaded" in events and "config.reload_failed" in events
+
+
+def test_the_start_up_reconcile_asks_systemd_for_more_time_before_ready(tmp_path: Path,
+                                                                       notify_socket: NotifySocket) -> None:
+    """EXTEND_TIMEOUT_USEC= goes out as the start-up reconcile begins, so that TimeoutStartSec= need not
+    cover a long walk over a big archive."""
+    from daemon.service import START_EXTEND_S
+    with simulator_subprocess("--count", "1") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}})
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
+                                env=cli_env(NOTIFY_SOCKET=str(notify_socket.path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: "READY=1" in notify_socket.lines())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = notify_socket.lines()
+    extend = lines.index(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_S * 1_000_000)}")
+    assert extend < lines.index("READY=1")
+
+
+def _datagrams(sock: socket.socket) -> list[str]:
+    out = []
+    sock.setblocking(False)
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize("turns", [0, 3])
+async def test_extend_start_timeout_asks_for_three_intervals_every_interval_until_done(tmp_path: Path,
+                                                                                      turns: int) -> None:
+    """One request at once, one more each interval of the (virtual) clock, none after ``done``."""
+    from daemon.clock import ManualClock
+    from daemon.service import extend_start_timeout
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        clock, done = ManualClock(), asyncio.Event()
+        if turns == 0:
+            done.set()
+        task = asyncio.create_task(extend_start_timeout(SdNotify({"NOTIFY_SOCKET": str(path)}), clock, done,
+                                                        interval_s=5.0))
+        start = clock.monotonic()
+        while clock.monotonic() - start < turns * 5.0:
+            await asyncio.sleep(0)
+        done.set()
+        await task
+        elapsed_turns = round((clock.monotonic() - start) / 5.0)
+        messages = _datagrams(sock)
+    assert set(messages) == {"EXTEND_TIMEOUT_USEC=15000000\nSTATUS=reconciling the ledger with the archive"}
+    assert elapsed_turns >= turns
+    assert len(messages) in (elapsed_turns, elapsed_turns + 1)   # the last sleep may be cut short by done
+
+
+async def test_extend_start_timeout_is_silent_outside_systemd() -> None:
+    from daemon.clock import ManualClock
+    from daemon.service import extend_start_timeout
+    clock = ManualClock()
+    await extend_start_timeout(SdNotify({}), clock, asyncio.Event())   # returns: never waits for done
+    assert clock.monotonic() == 1000.0
