@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="missing recordings too (the PBX did not have them; they may have appeared since)")
     command("check", cmd_check, "validate the config, log in to the PBX, call one endpoint, log out").add_argument(
         "--force-login", action="store_true",
-        help="log in even after 3 failed logins within an hour (the PBX blocks the IP after 5 in a row)")
+        help="log in even after 3 failed logins in a row (the PBX blocks the IP after 5 in a row)")
     verify = command("verify", cmd_verify, "re-read every archived copy (local and S3), report and mend damage")
     verify.add_argument("--json", action="store_true", help="one JSON object")
     verify.add_argument("--read-data", action="store_true", help="read S3 objects back in full (not only HEAD)")
@@ -353,7 +353,7 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
 # ---------------------------------------------------------------- check
 async def check_pbx(cfg: Config, *, force_login: bool = False) -> str:
     """Log in, read which PBX it is, list one recording, revoke the token; returns a one-line report.
-    Raises ArchiverError (LoginRefusedError, without contacting the PBX, after recent failed logins)."""
+    Raises ArchiverError (LoginRefusedError, without contacting the PBX, after failed logins in a row)."""
     from daemon.client import PbxClient
     from daemon.clock import SystemClock
     from daemon.logins import LoginMemory, login_memory_path
@@ -768,10 +768,12 @@ def daemon_status(running: bool | None, listen: str | None, answer: tuple[int, b
                   error: str | None) -> dict[str, Any]:
     """What the daemon is doing, for status: from whether the run lock is held and, when it is, what its
     /readyz answered (or why it could not be asked). Pure; tested as a table."""
-    if running is None:
-        return {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock"}
-    if not running:
+    if not running and running is not None:
         return {"state": "not running"}
+    if running is None and answer is None:
+        return {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock (a run in another "
+                                           "container or PID namespace is invisible here)"
+                + ("" if listen is None else f"; its health port does not answer ({error})")}
     if listen is None:
         return {"state": "running", "why": "service.listen is null: no readiness to ask"}
     if answer is None:
@@ -806,7 +808,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     running = run_lock_held(cfg.state.path)
     answer, error = None, None
-    if running and cfg.service.listen is not None:
+    if running is not False and cfg.service.listen is not None:   # running, or cannot tell: ask it
         try:
             answer = http_get(livez_url(cfg.service.listen).removesuffix("/livez") + "/readyz", HEALTH_TIMEOUT_S)
         except (OSError, ValueError) as exc:

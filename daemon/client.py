@@ -565,8 +565,8 @@ class TokenManager:
         await self._revoke_quietly()
         if self.logins_memory is not None:
             try:
-                self.logins_memory.before_login()
-            except FatalAuthError as exc:   # no request sent; `run` waits until the next try is allowed
+                self.logins_memory.before_login(self._cfg.client_id, self._cfg.client_secret.reveal())
+            except FatalAuthError as exc:   # no request sent; `run` looks again at its auth pace
                 self._fatal = exc
                 raise
         try:
@@ -574,7 +574,7 @@ class TokenManager:
                 "username": self._cfg.client_id, "password": self._cfg.client_secret.reveal()}, login=True)
         except FatalAuthError as exc:
             if self.logins_memory is not None and exc.errcode == -1:
-                self.logins_memory.failed()
+                self.logins_memory.failed(self._cfg.client_id, self._cfg.client_secret.reveal())
             self._fatal = exc
             self._access = self._refresh = None
             log.error("auth.fatal", errcode=exc.errcode, reason=exc.message)

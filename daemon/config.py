@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from daemon.errors import ConfigError
-from daemon.overrides import apply_overrides, name_variables, parse_overrides
+from daemon.overrides import Verbatim, apply_overrides, name_variables, parse_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
 CONFIG_ENV = "YEASTAR_ARCHIVER_CONFIG"
@@ -250,14 +250,16 @@ class _Reader:
     def raw(self, name: str) -> Any:
         self.seen.add(name)
         value = self.data.get(name, _MISSING)
-        if isinstance(value, str):
+        if isinstance(value, str) and not isinstance(value, Verbatim):
             value = self._expand(name, value)
         return value
 
     def _expand(self, name: str, value: str) -> Any:
         unset = [var for var in _VAR.findall(value) if var not in os.environ]
         for var in unset:
-            self.problem(self.key(name), _MISSING, f"environment variable ${{{var}}} is not set")
+            # In a secret, even the name after `$` may be a piece of the secret: not shown.
+            self.problem(self.key(name), _MISSING, "names an environment variable that is not set (name not shown)"
+                         if name in SECRET_KEYS else f"environment variable ${{{var}}} is not set")
         if unset:
             return _REPORTED
         return _VAR.sub(lambda m: os.environ[m.group(1)], value)

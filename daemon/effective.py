@@ -68,6 +68,9 @@ def effective_lines(cfg: Config, from_env: Mapping[str, str]) -> list[str]:
             shown = MASK
         elif key == "notify.url" and isinstance(value, str):
             shown = webhook_shown(value)
+        elif key == "hooks.on_archived" and value:
+            # Its arguments may carry a token (an upload URL, --api-key): the program only.
+            shown = _scalar([value[0], *([f"{MASK} ({len(value) - 1} argument(s))"] if len(value) > 1 else [])])
         else:
             shown = _scalar(value)
         variable = next((v for k, v in from_env.items() if key == k or key.startswith(k + ".")), None)

@@ -30,6 +30,7 @@ ENV_PATH = "YEASTAR_ARCHIVER_PATH"
 ENV_RECORDING = "YEASTAR_ARCHIVER_RECORDING"
 ENV_SHA256 = "YEASTAR_ARCHIVER_SHA256"
 STDERR_TAIL_BYTES = 2000   # what a failing hook said, for the log line; the rest is read and discarded
+STDERR_DRAIN_S = 1.0   # after the hook exits, how long its stderr is read on (a child may hold it)
 
 # Outcomes, the label values of the hook-runs counter.
 OK, FAILED, TIMEOUT, SPAWN_ERROR, DROPPED, KILLED = "ok", "failed", "timeout", "spawn_error", "dropped", "killed"
@@ -55,7 +56,10 @@ class HookJob:
 
 # Not passed on: the daemon's own settings (environment overrides may carry a secret) and systemd's
 # channel to the daemon (a hook must not speak for it: READY=1, WATCHDOG=1).
-_NOT_INHERITED_PREFIXES = ("YEASTAR_ARCHIVER_", "NOTIFY_SOCKET", "WATCHDOG_")
+# The daemon's settings (an override may carry a secret), systemd's channels to the service (notify,
+# watchdog, socket activation) and its credentials folder (LoadCredential=: the PBX secret is there).
+_NOT_INHERITED_PREFIXES = ("YEASTAR_ARCHIVER_", "NOTIFY_SOCKET", "WATCHDOG_", "CREDENTIALS_DIRECTORY",
+                           "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
 def hook_env(base: Mapping[str, str], job: HookJob) -> dict[str, str]:
@@ -143,6 +147,9 @@ class HookRunner:
             self._busy.add(task)
             try:
                 await self._run_one(job)
+            except Exception:   # one bad run must not end this slot for the daemon's life
+                log.exception("hook.error", recording=job.recording)
+                self.count(SPAWN_ERROR)
             finally:
                 self._busy.discard(task)
                 self._queue.task_done()
@@ -154,8 +161,9 @@ class HookRunner:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, env=hook_env(os.environ, job), start_new_session=True)
-        except OSError as exc:
-            log.error("hook.spawn_failed", recording=job.recording, command=argv[0], error=exc.strerror or str(exc),
+        except (OSError, ValueError) as exc:   # ValueError: a NUL or an unencodable character in the env
+            error = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            log.error("hook.spawn_failed", recording=job.recording, command=argv[0], error=error,
                       action="check hooks.on_archived")
             self.count(SPAWN_ERROR)
             return
@@ -247,13 +255,52 @@ async def _talk(proc: asyncio.subprocess.Process, stdin: bytes) -> bytes:
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         proc.stdin.close()
     tail = b""
-    while chunk := await proc.stderr.read(65536):
-        tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
+    stream = proc.stderr
+
+    async def drain() -> None:
+        nonlocal tail
+        while chunk := await stream.read(65536):
+            tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
+    reader = asyncio.ensure_future(drain())
+    try:
+        # Not proc.wait(): asyncio's wait also waits for the pipes, which a child the hook left in the
+        # background may hold open for ever. Read what the hook itself wrote, for a moment after.
+        await _exited(proc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), STDERR_DRAIN_S)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    # The hook has exited: what it left running in its group goes with it, so that no child outlives
+    # the daemon and the slot is free when the hook is done.
+    _kill_group(proc)
     await proc.wait()
     return tail
 
 
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return once the process itself has exited (a pidfd becomes readable), whoever holds its pipes."""
+    if proc.returncode is not None:
+        return
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return   # exited and reaped already
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the hook's whole process group (its own session: pgid == pid), also when the hook itself
+    has exited and only what it started remains."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1000,7 +1000,22 @@ def run_lock_held(ledger_path: Path) -> bool | None:
         text = Path("/proc/locks").read_text()
     except OSError:
         return None
-    return flock_held(text, st.st_dev, st.st_ino)
+    if flock_held(text, st.st_dev, st.st_ino):
+        return True
+    # /proc/locks shows only the locks of processes in this PID namespace: a run in another container
+    # on the same state volume is invisible here. The lock file names the namespace of its last run.
+    try:
+        owner_ns = lock.read_text(encoding="ascii").split()[1]
+        return None if owner_ns != _pid_namespace() else False
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "?"
 
 
 class RunLock:
@@ -1021,6 +1036,10 @@ class RunLock:
             ledger = self.path.with_name(self.path.name.removesuffix(".lock"))
             raise StorageError(f"another run/once is already using the ledger {str(ledger)!r} (state.path): "
                                "stop it first, or give this one a state.path of its own") from exc
+        # Who holds it, for `status` in another PID namespace (run_lock_held); best effort.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {_pid_namespace()}\n".encode("ascii"), 0)
         self._fd = fd
 
     def release(self) -> None:

@@ -16,6 +16,13 @@ SEPARATOR = "__"
 # Always strings, and secrets: taken verbatim, because YAML parsing can only change them (a leading
 # `!`, `&`, `*`, ` #`) and a YAML error message would echo them.
 VERBATIM_KEYS = frozenset({"client_secret", "secret_access_key", "access_key_id"})
+
+
+class Verbatim(str):
+    """A secret from the environment, used as given: neither YAML nor the config's ``${VAR}`` expansion
+    may change it (an expansion would log in with another password, and its error would quote part of it)."""
+
+    __slots__ = ()
 # Pairs of which a config sets exactly one: an override of one drops the other from the file, so that
 # the environment wins (the file's client_secret gives way to $..._PBX__CLIENT_SECRET_FILE).
 EXCLUSIVE = {"client_secret": "client_secret_file", "client_secret_file": "client_secret",
@@ -52,7 +59,7 @@ def parse_overrides(environ: Mapping[str, str]) -> tuple[list[Override], list[st
         path = tuple(p.lower() for p in parts)
         text = environ[name]
         if path[-1] in VERBATIM_KEYS:
-            overrides.append(Override(name, path, text))
+            overrides.append(Override(name, path, Verbatim(text)))
             continue
         try:
             value = yaml.safe_load(text)

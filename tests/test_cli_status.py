@@ -41,7 +41,14 @@ def _ready(ready: bool, **checks: Any) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize(("running", "listen", "answer", "error", "want"), [
-    (None, None, None, None, {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock"}),
+    (None, None, None, None, {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock (a run "
+                                                         "in another container or PID namespace is invisible here)"}),
+    (None, "127.0.0.1:1", None, "connection refused",
+     {"state": "unknown", "why": "cannot tell whether a run holds the ledger's lock (a run in another container or "
+                                 "PID namespace is invisible here); its health port does not answer (connection "
+                                 "refused)"}),
+    # Cannot tell from the lock, but its health port answers: that is a running daemon (review V3).
+    (None, "127.0.0.1:1", _ready(True, pbx={"ok": True}), None, {"state": "running", "ready": True}),
     (False, "127.0.0.1:1", None, None, {"state": "not running"}),
     (True, None, None, None, {"state": "running", "why": "service.listen is null: no readiness to ask"}),
     (True, "127.0.0.1:1", None, "connection refused",

@@ -171,7 +171,7 @@ async def test_a_hook_past_its_timeout_is_killed_with_its_process_group(tmp_path
     script = tmp_path / "hang.py"
     script.write_text(HANGER)
     pid_file = tmp_path / "child.pid"
-    cfg = HooksConfig(on_archived=(sys.executable, str(script), str(pid_file)), max_concurrent=1, timeout_s=1.0)
+    cfg = HooksConfig(on_archived=(sys.executable, str(script), str(pid_file)), max_concurrent=1, timeout_s=5.0)
     runner = HookRunner(cfg, lambda o: counts.update([o]), grace_s=5, stop=asyncio.Event())
     runner.start()
     with structlog.testing.capture_logs() as logs:

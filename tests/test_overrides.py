@@ -140,6 +140,37 @@ def test_effective_config_masks_secrets_and_marks_keys_from_the_environment(tmp_
     assert not any("secret-value" in line or "XYZsecretXYZ" in line for line in lines)
 
 
+def test_check_shows_a_hook_s_program_not_its_arguments(tmp_path: Path) -> None:
+    """Review V10: a hook's arguments may carry a token (an upload URL, --api-key)."""
+    cfg_file = write_config(tmp_path, "http://127.0.0.1:9", extra={
+        "hooks": {"on_archived": ["/usr/local/bin/upload", "--api-key", "tok-3f9a"]}})
+    lines = effective_lines(load_config(cfg_file, {}), {})
+    assert "hooks.on_archived: [/usr/local/bin/upload, '[REDACTED] (2 argument(s))']" in lines
+    assert not any("tok-3f9a" in line for line in lines)
+
+
+def test_a_secret_from_the_environment_is_used_exactly_as_given(tmp_path: Path) -> None:
+    """Review V5: no ${VAR} expansion in a secret override: it would log in with another password, and
+    an unset name would be quoted (a piece of the secret) in the error."""
+    cfg_file = write_config(tmp_path, "http://127.0.0.1:9")
+    cfg = load_config(cfg_file, {P + "PBX__CLIENT_SECRET": "Xy${HOME}9", P + "PBX__CLIENT_ID": "id"})
+    assert cfg.pbx.client_secret == Secret("Xy${HOME}9")
+    cfg = load_config(cfg_file, {P + "PBX__CLIENT_SECRET": "Xy${Zq7Tw}9"})
+    assert cfg.pbx.client_secret == Secret("Xy${Zq7Tw}9")
+
+
+def test_an_unset_variable_in_a_secret_of_the_file_is_reported_without_its_name(tmp_path: Path) -> None:
+    import yaml
+    cfg_file = write_config(tmp_path, "http://127.0.0.1:9")
+    data = yaml.safe_load(cfg_file.read_text())
+    data["pbx"].pop("client_secret_file")
+    data["pbx"]["client_secret"] = "Ab${Zq7Tw}cd"
+    cfg_file.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as caught:
+        load_config(cfg_file, {})
+    assert "Zq7Tw" not in str(caught.value) and "pbx.client_secret" in str(caught.value)
+
+
 def test_an_override_is_validated_like_the_file_and_the_problem_names_the_variable(tmp_path: Path) -> None:
     cfg_file = write_config(tmp_path, "http://127.0.0.1:9")
     with pytest.raises(ConfigError) as caught:
