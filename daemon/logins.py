@@ -13,12 +13,14 @@ file forgets the failures.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +114,31 @@ class LoginMemory:
         raise LoginRefusedError(refusal_message(refusal, self.path), errcode=-1)
 
     def failed(self, client_id: str, secret: str) -> None:
-        """Remember one failed login (best effort: a state folder we cannot write only loses the memory)."""
-        salt, failures = self._load()
-        failures = [*failures, (self.clock.wall(), credentials_digest(salt, client_id, secret))][-KEEP:]
+        """Remember one failed login (best effort: a state folder we cannot write only loses the memory).
+        Read, add and replace under an flock: two processes failing at once must both be counted."""
         try:
-            self._write({"pbx": self.pbx, "salt": salt, "failures": [{"at": t, "who": w} for t, w in failures]})
+            with self._locked():
+                salt, failures = self._load()
+                failures = [*failures, (self.clock.wall(), credentials_digest(salt, client_id, secret))][-KEEP:]
+                self._write({"pbx": self.pbx, "salt": salt,
+                             "failures": [{"at": t, "who": w} for t, w in failures]})
         except OSError as exc:
             log.warning("auth.login_memory_failed", path=str(self.path), error=exc.strerror or str(exc))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive flock on the state folder (the file itself is replaced by each write, so a lock
+        on it would not hold). Without a folder yet, no lock: ``_write`` creates the folder."""
+        try:
+            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def succeeded(self) -> None:
         """Forget the failures: the PBX's own count starts again at a successful login."""
