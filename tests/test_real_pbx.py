@@ -439,9 +439,10 @@ def test_an_ip_block_says_when_it_lifts(tmp_path: Path) -> None:
     from tests.conftest import simulator_subprocess
     with simulator_subprocess("--block-expire", "300") as base_url:
         cfg = write_config(tmp_path, base_url, secret="wrong-secret-123")
+        # --force-login: past the failed-login memory, which would refuse the fourth (as it should).
         for _ in range(5):
-            run_cli("check", "-c", str(cfg), timeout=30)
-        result = run_cli("check", "-c", str(cfg), timeout=30)
+            run_cli("check", "--force-login", "-c", str(cfg), timeout=30)
+        result = run_cli("check", "--force-login", "-c", str(cfg), timeout=30)
     assert result.returncode == 3 and "lifts the block in" in result.stderr
 
 
