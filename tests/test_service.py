@@ -227,6 +227,15 @@ def _first_after(lines: list[str], line: str, after: int) -> int:
     return next(i for i, ln in enumerate(lines) if i > after and ln == line)
 
 
+def _notified_run(cfg: Path, notify_socket: NotifySocket) -> subprocess.Popen[str]:
+    """A real ``run`` speaking sd_notify to ``notify_socket``, once it has said READY=1."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
+                            env=cli_env(NOTIFY_SOCKET=str(notify_socket.path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: "READY=1" in notify_socket.lines())
+    return proc
+
+
 def test_sighup_reload_speaks_reloading_with_monotonic_usec_then_ready(tmp_path: Path,
                                                                      notify_socket: NotifySocket) -> None:
     """Type=notify-reload semantics: each SIGHUP is RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, µs,
@@ -237,10 +246,7 @@ def test_sighup_reload_speaks_reloading_with_monotonic_usec_then_ready(tmp_path:
     from daemon.service import monotonic_usec
     with simulator_subprocess("--count", "1") as base_url:
         cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}})
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
-                                env=cli_env(NOTIFY_SOCKET=str(notify_socket.path)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait(lambda: "READY=1" in notify_socket.lines())
+        proc = _notified_run(cfg, notify_socket)
         data = yaml.safe_load(cfg.read_text())
         data["logging"]["level"] = "debug"
         cfg.write_text(yaml.safe_dump(data))
@@ -273,10 +279,7 @@ def test_the_start_up_reconcile_asks_systemd_for_more_time_before_ready(tmp_path
     from daemon.service import START_EXTEND_S
     with simulator_subprocess("--count", "1") as base_url:
         cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]}})
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(cfg)], cwd=REPO,
-                                env=cli_env(NOTIFY_SOCKET=str(notify_socket.path)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait(lambda: "READY=1" in notify_socket.lines())
+        proc = _notified_run(cfg, notify_socket)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
