@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,12 @@ async def test_a_hook_past_its_timeout_is_killed_with_its_process_group(tmp_path
         await runner.close(drain=True)
     assert counts == {TIMEOUT: 1}
     assert [e["event"] for e in logs if e["event"].startswith("hook.")] == ["hook.timed_out"]
-    assert not _alive(int(pid_file.read_text()))
+    # SIGKILL went to the whole group; its delivery to the grandchild is asynchronous: bounded wait.
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the hook's grandchild outlived the kill of its group"
+        await asyncio.sleep(0.05)
 
 
 async def test_at_a_stop_running_hooks_get_the_grace_then_are_killed_and_queued_ones_dropped(tmp_path: Path) -> None:
