@@ -1,5 +1,6 @@
 """The off-box copier: each recording archived locally is copied to every destination and verified
-before it is done; with ``archive.keep_local: false`` the local copy then goes.
+before it is done; with ``archive.keep_local: false`` the local copy then goes (after the recording's
+``hooks.on_archived`` run, when there is one: the hook reads the local file).
 
 It runs beside the scheduler and never touches the PBX. The ledger holds each copy's state (table
 ``copies``), so a crash between "archived locally" and "copied" resumes the copy, never the download.
@@ -25,7 +26,7 @@ import structlog
 from daemon.archive import ArchiveDir, sidecar_bytes, sidecar_data
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
-from daemon.destinations import S3Destination, upload_hashes
+from daemon.destinations import S3Destination, UploadHashes, upload_hashes
 from daemon.errors import (
     ArchiverError,
     DestinationConfigError,
@@ -51,6 +52,12 @@ class CopyStats:
     bytes: int = 0
     failed: int = 0
     local_removed: int = 0
+
+
+# Told of each recording the copies made ``done`` (the hooks' submit; must not wait): the row, its local
+# file, its sidecar, and the local copy's removal (keep_local: false) to call once the hook is done with
+# the file — the callee owns it from then on and must call it exactly once.
+OnDone = Callable[[Row, Path, bytes, "Callable[[], None] | None"], None]
 
 
 class Copier:
@@ -82,6 +89,7 @@ class Copier:
         self._claiming = asyncio.Lock()
         self._pause_streak = 0
         self._stale_aborted = False
+        self.on_done: OnDone | None = None
 
     @property
     def paused(self) -> bool:
@@ -177,7 +185,9 @@ class Copier:
             return
         size = row.bytes or 0
         try:
-            hashes = await asyncio.to_thread(upload_hashes, local, self.dest.cfg.part_size_bytes)
+            # ident: the file hashed, which a removal may take later (keep_local: false): one put off
+            # until a hook is done must never take another file that came to stand at the path meanwhile.
+            ident, hashes = await asyncio.to_thread(_hashed, local, self.dest.cfg.part_size_bytes)
         except OSError as exc:
             await self._later(row, exc, attempts)
             return
@@ -194,18 +204,28 @@ class Copier:
         if stored.key != chosen:
             key = stored.key
             await self.ledger.call(lambda db: db.copy_chosen(row.key, dest, key))
+        sidecar: bytes | None = None
         if self.cfg.archive.sidecar:
             # A sidecar the server refuses is this copy's trouble too: the copy is not done without it.
             sidecar = await self._sidecar(row, local)
             if await self._object_step(row, attempts, self.dest.put_small(stored.key + ".json", sidecar,
                                                                            recording=row.ref)) is None:
                 return
+        on_done = self.on_done if not repair else None   # a repaired copy is no new recording
+        if on_done is not None and sidecar is None:
+            sidecar = await self._sidecar(row, local)     # what the hook gets on stdin, sidecars on or off
         remove = not self.cfg.archive.keep_local
         now = self.clock.wall()
         state = await self.ledger.call(lambda db: db.copy_done(
             row.key, dest, object_key=stored.key, size=size, etag=stored.etag, now=now, local_removed=remove))
+        # The ledger says "removed" before the file goes: a crash in between is finished by reconcile.
+        release = functools.partial(_remove_local, local, ident) if remove else None
+        if state == "done" and on_done is not None and sidecar is not None:
+            # Archived now, off-box and verified: the hook's moment. The local copy stays until it is done.
+            on_done(row, local, sidecar, release)
+        elif release is not None:
+            await asyncio.to_thread(release)
         if remove:
-            await asyncio.to_thread(_remove_local, local)
             self.stats.local_removed += 1
         self.stats.adopted += stored.adopted
         self.stats.copied += not stored.adopted
@@ -305,8 +325,29 @@ def _due(db: LedgerDb, *, dest: str, now: float, busy: set[str]) -> list[DueCopy
     return db.due_copies(dest, 1, now=now, exclude=busy)
 
 
-def _remove_local(path: Path) -> None:
-    """The local copy and its sidecar go once the off-box copy is verified (``keep_local: false``)."""
+FileIdentity = tuple[int, int, int, int]
+
+
+def _hashed(path: Path, part_size: int) -> tuple[FileIdentity | None, UploadHashes]:
+    ident = _identity(path)
+    return ident, upload_hashes(path, part_size)
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    """Which file stands at ``path``: an inode number alone is reused at once by a file made after
+    the first went; its change time and size tell the two apart."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size
+
+
+def _remove_local(path: Path, ident: FileIdentity | None = None) -> None:
+    """The local copy and its sidecar go once the off-box copy is verified (``keep_local: false``) —
+    only if ``path`` is still the file ``ident`` names."""
+    if ident is None or _identity(path) != ident:
+        return
     for p in (path, path.with_name(path.name + ".json")):
         try:
             if stat.S_ISREG(os.lstat(p).st_mode):

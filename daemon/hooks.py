@@ -6,6 +6,8 @@ Each run gets the recording's sidecar JSON on stdin and ``YEASTAR_ARCHIVER_PATH`
 at most ``hooks.timeout_s`` (then its whole process group is killed); at most ``hooks.max_queued`` wait
 for a slot, and a run that finds the backlog full is dropped with ``hook.dropped``. Runs are never
 retried and the backlog is not kept across restarts: a hook runs at most once per archived recording.
+A job may carry a ``release``: called once no run will read the file any more, whatever became of the
+run (with ``archive.keep_local: false`` the local copy goes then, not under a hook still reading it).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class HookJob:
     path: Path
     sha256: str
     sidecar: bytes
+    # Blocking (run in a thread), called exactly once when no hook will read ``path`` any more: after
+    # the run, or when the run is dropped or cannot start. Its errors are logged, never raised.
+    release: Callable[[], None] | None = None
 
     @classmethod
     def archived(cls, archive_dir: Path, ref: str, final_path: str, sha256: str,
@@ -106,6 +111,7 @@ class HookRunner:
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self._killing = False
+        self._releasing: set[asyncio.Task[None]] = set()   # the releases of runs dropped by ``submit``
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +130,7 @@ class HookRunner:
     def submit(self, job: HookJob) -> None:
         """Queue one run; never waits. Dropped (logged, counted) when the backlog is full or stopping."""
         if not self.enabled:
+            self._release_later(job)
             return
         reason = "stopping" if self._closing or self.stop.is_set() else None
         # max_queued 0: no backlog, a run starts only when a slot is free right now.
@@ -138,6 +145,14 @@ class HookRunner:
         log.warning("hook.dropped", recording=job.recording, reason=reason, max_queued=self.cfg.max_queued,
                     action="the archive goes on; run the hook for this recording by hand if it matters")
         self.count(DROPPED)
+        self._release_later(job)
+
+    def _release_later(self, job: HookJob) -> None:
+        if job.release is None:
+            return
+        task = asyncio.get_running_loop().create_task(_release(job), name="hook-release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _worker(self) -> None:
         task = asyncio.current_task()
@@ -151,8 +166,11 @@ class HookRunner:
                 log.exception("hook.error", recording=job.recording)
                 self.count(SPAWN_ERROR)
             finally:
-                self._busy.discard(task)
-                self._queue.task_done()
+                try:
+                    await _release(job)
+                finally:
+                    self._busy.discard(task)
+                    self._queue.task_done()
 
     async def _run_one(self, job: HookJob) -> None:
         argv = self.cfg.on_archived
@@ -204,6 +222,7 @@ class HookRunner:
         comes. Then queued runs are dropped, running ones get what is left of the grace (from the stop),
         and are killed after it or at once on ``hurry``."""
         if not self._workers:
+            await asyncio.gather(*self._releasing)
             return
         loop = asyncio.get_running_loop()
         if drain and not self.stop.is_set():
@@ -215,6 +234,7 @@ class HookRunner:
             log.warning("hook.dropped", recording=job.recording, reason="stopping",
                         action="the archive goes on; run the hook for this recording by hand if it matters")
             self.count(DROPPED)
+            await _release(job)
         for task in self._workers:
             if task not in self._busy:
                 task.cancel()
@@ -227,10 +247,21 @@ class HookRunner:
             for proc in list(self._procs):
                 _kill_group(proc)
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._releasing)
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         self._workers = []
+
+
+async def _release(job: HookJob) -> None:
+    """Tell the job's owner that no hook reads its file any more (see ``HookJob.release``)."""
+    if job.release is None:
+        return
+    try:
+        await asyncio.to_thread(job.release)
+    except Exception:   # the owner's trouble (a removal that failed): logged, never a hook's outcome
+        log.exception("hook.release_failed", recording=job.recording)
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

@@ -188,9 +188,15 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
         if hooks.enabled:
             hooks.start()
             stack.push_async_callback(hooks.close, drain=False)   # an error on the way: kill what runs
-            archive_root = cfg.archive.dir
-            scheduler.on_done = lambda row, result: hooks.submit(HookJob.archived(
-                archive_root, row.ref, result.final_path, result.sha256, result.record))
+            if copier is None:
+                archive_root = cfg.archive.dir
+                scheduler.on_done = lambda row, result: hooks.submit(HookJob.archived(
+                    archive_root, row.ref, result.final_path, result.sha256, result.record))
+            else:
+                # With an off-box copy a recording is archived once that copy is verified: the hook runs
+                # then, and a local copy that goes (keep_local: false) goes when the hook is done with it.
+                copier.on_done = lambda row, local, sidecar, release: hooks.submit(HookJob(
+                    recording=row.ref, path=local, sha256=row.sha256 or "", sidecar=sidecar, release=release))
         pipeline = Pipeline(ledger, scheduler, downloader, copier)
         await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.clock import SystemClock
 from daemon.config import HooksConfig, load_config, parse_config
+from daemon.copier import FileIdentity, _identity, _remove_local
 from daemon.errors import ConfigError
 from daemon.hooks import (
     DROPPED,
@@ -167,6 +172,18 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
 
 
+def _wait_gone(pid: int) -> None:
+    """SIGKILL went to the hook's whole group; its delivery to a grandchild is asynchronous: a bounded wait."""
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} outlived the kill of its hook's group"
+        time.sleep(0.05)
+
+
+async def _gone(pid: int) -> None:
+    await asyncio.to_thread(_wait_gone, pid)
+
+
 async def test_a_hook_past_its_timeout_is_killed_with_its_process_group(tmp_path: Path) -> None:
     counts: Counter[str] = Counter()
     script = tmp_path / "hang.py"
@@ -180,12 +197,7 @@ async def test_a_hook_past_its_timeout_is_killed_with_its_process_group(tmp_path
         await runner.close(drain=True)
     assert counts == {TIMEOUT: 1}
     assert [e["event"] for e in logs if e["event"].startswith("hook.")] == ["hook.timed_out"]
-    # SIGKILL went to the whole group; its delivery to the grandchild is asynchronous: bounded wait.
-    child = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(child):
-        assert time.monotonic() < deadline, "the hook's grandchild outlived the kill of its group"
-        await asyncio.sleep(0.05)
+    await _gone(int(pid_file.read_text()))
 
 
 async def test_at_a_stop_running_hooks_get_the_grace_then_are_killed_and_queued_ones_dropped(tmp_path: Path) -> None:
@@ -208,7 +220,7 @@ async def test_at_a_stop_running_hooks_get_the_grace_then_are_killed_and_queued_
     assert counts == {KILLED: 1, DROPPED: 2}
     assert [(e["event"], e["recording"]) for e in logs if e["event"].startswith("hook.")] == [
         ("hook.dropped", "3"), ("hook.dropped", "2"), ("hook.killed", "1")]
-    assert not _alive(child)
+    await _gone(child)
 
 
 async def test_a_hook_that_cannot_start_is_logged_and_counted(tmp_path: Path) -> None:
@@ -297,4 +309,153 @@ def test_sigterm_kills_a_hanging_hook_and_its_children_after_the_grace_and_run_e
     assert code == 0, err
     events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
     assert "hook.killed" in events and "download.completed" in events
-    assert not _alive(child)
+    _wait_gone(child)
+
+
+# A hook whose recording name says what it does: "ok-…" exits 0, "fail-…" 3, "hang-…" sleeps until
+# killed. It leaves its pid, so that a release can tell whether the run it follows is over.
+BY_NAME = ('echo $$ > "$1/$YEASTAR_ARCHIVER_RECORDING.pid"; case "$YEASTAR_ARCHIVER_RECORDING" in '
+           'hang*) exec sleep 600;; fail*) exit 3;; esac')
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(["ok", "fail", "hang", "bad\x00name"]), min_size=1, max_size=6),
+       max_concurrent=st.integers(1, 2), max_queued=st.integers(0, 3),
+       stop_after=st.none() | st.integers(0, 6), drain=st.booleans())
+def test_each_jobs_release_is_called_once_after_its_run_whatever_became_of_it(
+        tmp_path: Path, kinds: list[str], max_concurrent: int, max_queued: int, stop_after: int | None,
+        drain: bool) -> None:
+    """Ran, failed, timed out, could not start, dropped at submit or at the stop, killed: the job's
+    release (the removal of a local copy, keep_local: false) runs once, and never under a live hook."""
+    pids = tmp_path / f"pids-{time.monotonic_ns()}"
+    pids.mkdir()
+    released: list[tuple[str, bool]] = []
+
+    def release_of(name: str) -> Callable[[], None]:
+        def release() -> None:
+            pid_file = pids / f"{name}.pid"
+            running = pid_file.exists() and pid_file.read_text().strip() != "" and _alive(
+                int(pid_file.read_text()))
+            released.append((name, running))
+        return release
+
+    names = [f"{kind}-{n}" for n, kind in enumerate(kinds)]
+    counts: Counter[str] = Counter()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        runner = HookRunner(HooksConfig(on_archived=("/bin/sh", "-c", BY_NAME, "sh", str(pids)),
+                                        max_concurrent=max_concurrent, max_queued=max_queued, timeout_s=0.5),
+                            lambda o: counts.update([o]), grace_s=0.2, stop=stop)
+        runner.start()
+        for n, name in enumerate(names):
+            if n == stop_after:
+                stop.set()
+            runner.submit(HookJob(recording=name, path=tmp_path / name, sha256="0" * 64, sidecar=b"{}",
+                                  release=release_of(name)))
+            await asyncio.sleep(0)
+        await runner.close(drain=drain)
+
+    with structlog.testing.capture_logs():
+        asyncio.run(main())
+    assert sorted(n for n, _ in released) == sorted(names), "a release was lost or called twice"
+    assert [n for n, running in released if running] == [], "released while its hook still ran"
+    assert sum(counts.values()) == len(names)
+
+
+def test_a_release_that_fails_is_logged_and_the_pool_goes_on(tmp_path: Path) -> None:
+    counts: Counter[str] = Counter()
+
+    def broken() -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.wav"))
+
+    async def main() -> None:
+        runner = HookRunner(HooksConfig(on_archived=("/bin/true",), max_concurrent=1), lambda o: counts.update([o]),
+                            grace_s=1, stop=asyncio.Event())
+        runner.start()
+        runner.submit(HookJob(recording="1", path=tmp_path / "x.wav", sha256="0" * 64, sidecar=b"{}", release=broken))
+        runner.submit(_job(2, tmp_path))
+        await runner.close(drain=True)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert counts == {OK: 2}
+    assert [e["recording"] for e in logs if e["event"] == "hook.release_failed"] == ["1"]
+
+
+def _kept_file(tmp_path: Path, name: str) -> tuple[Path, FileIdentity | None]:
+    path = tmp_path / name
+    path.write_bytes(b"RIFF")
+    Path(f"{path}.json").write_text("{}")
+    return path, _identity(path)
+
+
+@pytest.mark.parametrize(("meanwhile", "removed"), [
+    ("nothing", True),          # the removal takes the file and its sidecar
+    ("replaced", False),        # another file came to stand at the path: it is not ours to take
+    ("gone", False),            # removed by hand meanwhile: nothing to do, no error
+    ("unknown", False),         # the file was never identified: never a blind removal
+])
+def test_a_removal_put_off_takes_only_the_file_that_was_copied(tmp_path: Path, meanwhile: str,
+                                                               removed: bool) -> None:
+    path, ident = _kept_file(tmp_path, "a.wav")
+    if meanwhile == "replaced":
+        path.unlink()
+        # Most likely on the first one's inode number (ext4 reuses it at once); ctime and size differ.
+        path.write_bytes(b"RIFF another recording")
+    elif meanwhile == "gone":
+        path.unlink()
+    elif meanwhile == "unknown":
+        ident = None
+    _remove_local(path, ident)
+    assert path.exists() == (meanwhile != "gone" and not removed)
+    assert Path(f"{path}.json").exists() == (not removed)
+
+
+# With an off-box copy: what the hook saw when it ran (the ledger's state for its recording, the file's
+# hash), after a pause that gives a removal under it every chance to happen.
+S3_RECORDER = """
+import hashlib, json, os, sqlite3, sys, time
+time.sleep(0.3)
+rec, path = os.environ["YEASTAR_ARCHIVER_RECORDING"], os.environ["YEASTAR_ARCHIVER_PATH"]
+db = sqlite3.connect(f"file:{sys.argv[2]}?mode=ro", uri=True)
+state = db.execute("SELECT state FROM recordings WHERE rec_id = ?", (int(rec),)).fetchone()[0]
+digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+json.dump({"state": state, "sha256": digest, "told": os.environ["YEASTAR_ARCHIVER_SHA256"],
+           "stdin": json.loads(sys.stdin.read())}, open(os.path.join(sys.argv[1], rec + ".json"), "w"))
+"""
+
+
+@pytest.mark.parametrize("keep_local", [True, False])
+async def test_with_an_off_box_copy_the_hook_runs_once_it_is_done_and_before_the_local_copy_goes(
+        start_sim: SimFactory, tmp_path: Path, keep_local: bool) -> None:
+    from tests.s3servers import s3_server
+    sim = await start_sim(count=4)
+    script = tmp_path / "recorder.py"
+    script.write_text(S3_RECORDER)
+    out = tmp_path / "out"
+    out.mkdir()
+    with s3_server("moto", tmp_path / "s3") as server:
+        state_path = tmp_path / "state" / "ledger.db"
+        cfg_path = write_config(tmp_path, sim.base_url, extra={
+            "sources": {"ids": [r.id for r in sim.recordings]},
+            "archive": {"keep_local": keep_local, "s3": server.config(), "sidecar": False},
+            "state": {"path": str(state_path)},
+            "hooks": {"on_archived": [sys.executable, str(script), str(out), str(state_path)],
+                      "max_concurrent": 2}})
+        cfg = load_config(cfg_path)
+        result = await run_pipeline(cfg, asyncio.Event(), once=True)
+        assert result.counts["done"] == 4
+        objects = server.objects()
+    seen = {p.stem: json.loads(p.read_text()) for p in out.iterdir()}
+    assert sorted(seen) == sorted(str(r.id) for r in sim.recordings)
+    for rec in sim.recordings:
+        got = seen[str(rec.id)]
+        # Run once the off-box copy made it done, on a local file still there and whole.
+        assert got["state"] == "done"
+        assert got["sha256"] == got["told"] == hashlib.sha256(sim.content(rec)).hexdigest()
+        assert got["stdin"]["sha256"] == got["told"] and str(got["stdin"]["id"]) == str(rec.id)
+        assert sim.content(rec) in objects.values()
+    left = [p for p in cfg.archive.dir.rglob("*") if p.is_file()
+            and not p.relative_to(cfg.archive.dir).parts[0].startswith(".")]
+    assert len([p for p in left if not p.name.endswith(".json")]) == (4 if keep_local else 0)
