@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +21,14 @@ from daemon.clock import Clock
 from daemon.config import PbxConfig, Secret, TlsConfig
 from daemon.logs import reset_logging
 from daemon.simulator import SimOptions, Simulator
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # asyncio.get_event_loop() makes a loop the first time it is called in the main thread while no loop
+    # was ever set; pytest-asyncio calls it around each async test and keeps that loop (never closed) as
+    # "the previous one". The first asyncio.run() of a later sync test drops it, and its ResourceWarning
+    # fails whichever test the garbage collector happens to run in. Saying "no loop" once stops that.
+    asyncio.set_event_loop(None)
 
 REPO = Path(__file__).resolve().parent.parent
 
