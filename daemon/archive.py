@@ -16,7 +16,9 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
 import threading
 import uuid
 from collections import OrderedDict
@@ -39,6 +41,7 @@ DIR_MODE = 0o750
 STATE_DIR_MODE = 0o700
 MARKER_DIR = ".yeastar-archiver"
 MARKER_FILE = "archive-id"
+HOOKS_DIR = "hooks"   # in MARKER_DIR: the names running hooks read a recording by (keep_local: false)
 MAX_COMPONENT = 255
 DIR_CACHE_SIZE = 8   # open folder descriptors kept: a day's folder, and the days either side
 
@@ -441,12 +444,53 @@ class ArchiveDir:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
     def walk(self, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[PurePosixPath, list[str]]]:
-        """(relative folder, file names) for every real folder below the root; symlinks are skipped.
-        A folder that cannot be listed goes to ``onerror``."""
+        """(relative folder, file names) for every real folder below the root; symlinks are skipped,
+        and so are the hooks' own names (``stage_for_hook``). A folder that cannot be listed goes to
+        ``onerror``."""
         for folder, dirs, files in os.walk(self.root, followlinks=False, onerror=onerror):
             rel = PurePosixPath(Path(folder).relative_to(self.root).as_posix())
-            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))
+                       and rel / d != PurePosixPath(MARKER_DIR, HOOKS_DIR)]
             yield rel, [f for f in files if not os.path.islink(os.path.join(folder, f))]
+
+    def stage_for_hook(self, rel: PurePosixPath) -> Path:
+        """A name of the hook's own for the recording at ``rel``: a hard link (else a copy) in a new
+        folder under ``.yeastar-archiver/hooks/``. The archive path may go (``keep_local: false``) or
+        be taken by another recording while the hook runs; this name stays until ``unstage``."""
+        base = self.root / MARKER_DIR / HOOKS_DIR
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.root / MARKER_DIR, STATE_DIR_MODE)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(base, STATE_DIR_MODE)
+        folder = Path(tempfile.mkdtemp(dir=base))
+        staged = folder / rel.name
+        src_dir = self.open_dir(rel.parent, create=False)
+        try:
+            try:
+                os.link(rel.name, staged, src_dir_fd=src_dir, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                # A filesystem without hard links: a copy, made without following a symlink.
+                src = os.open(rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+                with open(src, "rb") as fin, open(staged, "xb") as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            os.close(src_dir)
+        return staged
+
+    def unstage(self, staged: Path) -> None:
+        """The hook is done with its name for a recording (``stage_for_hook``): it goes."""
+        folder = staged.parent
+        if folder.parent == self.root / MARKER_DIR / HOOKS_DIR:   # never anything but a folder we made
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def clear_hook_names(self) -> None:
+        """At start: no hook of an earlier process is ours to wait for; the names it read by go."""
+        shutil.rmtree(self.root / MARKER_DIR / HOOKS_DIR, ignore_errors=True)
 
     def exists(self, rel: PurePosixPath) -> bool | None:
         """Is ``rel`` a regular file below the root? Looked up without following any symlink; None when

@@ -1,6 +1,6 @@
 """The off-box copier: each recording archived locally is copied to every destination and verified
-before it is done; with ``archive.keep_local: false`` the local copy then goes (after the recording's
-``hooks.on_archived`` run, when there is one: the hook reads the local file).
+before it is done, and its ``hooks.on_archived`` run starts then; with ``archive.keep_local: false``
+the local copy then goes.
 
 It runs beside the scheduler and never touches the PBX. The ledger holds each copy's state (table
 ``copies``), so a crash between "archived locally" and "copied" resumes the copy, never the download.
@@ -26,7 +26,7 @@ import structlog
 from daemon.archive import ArchiveDir, sidecar_bytes, sidecar_data
 from daemon.clock import Clock, sleep_or_stop
 from daemon.config import Config
-from daemon.destinations import S3Destination, UploadHashes, upload_hashes
+from daemon.destinations import S3Destination, upload_hashes
 from daemon.errors import (
     ArchiverError,
     DestinationConfigError,
@@ -34,6 +34,7 @@ from daemon.errors import (
     PauseError,
     PermanentError,
 )
+from daemon.hooks import HookJob, HookRunner
 from daemon.ledger import KV_PBX_SN, DueCopy, Ledger, LedgerDb, Row
 from daemon.scheduler import backoff_delay, pause_delay
 
@@ -52,12 +53,6 @@ class CopyStats:
     bytes: int = 0
     failed: int = 0
     local_removed: int = 0
-
-
-# Told of each recording the copies made ``done`` (the hooks' submit; must not wait): the row, its local
-# file, its sidecar, and the local copy's removal (keep_local: false) to call once the hook is done with
-# the file — the callee owns it from then on and must call it exactly once.
-OnDone = Callable[[Row, Path, bytes, "Callable[[], None] | None"], None]
 
 
 class Copier:
@@ -89,7 +84,7 @@ class Copier:
         self._claiming = asyncio.Lock()
         self._pause_streak = 0
         self._stale_aborted = False
-        self.on_done: OnDone | None = None
+        self.hooks: HookRunner | None = None   # told of each recording its copies made done
 
     @property
     def paused(self) -> bool:
@@ -185,9 +180,7 @@ class Copier:
             return
         size = row.bytes or 0
         try:
-            # ident: the file hashed, which a removal may take later (keep_local: false): one put off
-            # until a hook is done must never take another file that came to stand at the path meanwhile.
-            ident, hashes = await asyncio.to_thread(_hashed, local, self.dest.cfg.part_size_bytes)
+            hashes = await asyncio.to_thread(upload_hashes, local, self.dest.cfg.part_size_bytes)
         except OSError as exc:
             await self._later(row, exc, attempts)
             return
@@ -211,21 +204,19 @@ class Copier:
             if await self._object_step(row, attempts, self.dest.put_small(stored.key + ".json", sidecar,
                                                                            recording=row.ref)) is None:
                 return
-        on_done = self.on_done if not repair else None   # a repaired copy is no new recording
-        if on_done is not None and sidecar is None:
+        hooks = self.hooks if self.hooks is not None and self.hooks.enabled and not repair else None
+        if hooks is not None and sidecar is None:
             sidecar = await self._sidecar(row, local)     # what the hook gets on stdin, sidecars on or off
         remove = not self.cfg.archive.keep_local
         now = self.clock.wall()
-        state = await self.ledger.call(lambda db: db.copy_done(
+        state, first = await self.ledger.call(lambda db: db.copy_done(
             row.key, dest, object_key=stored.key, size=size, etag=stored.etag, now=now, local_removed=remove))
-        # The ledger says "removed" before the file goes: a crash in between is finished by reconcile.
-        release = functools.partial(_remove_local, local, ident) if remove else None
-        if state == "done" and on_done is not None and sidecar is not None:
-            # Archived now, off-box and verified: the hook's moment. The local copy stays until it is done.
-            on_done(row, local, sidecar, release)
-        elif release is not None:
-            await asyncio.to_thread(release)
+        if hooks is not None and first and sidecar is not None:
+            # Archived now, off-box and verified: the hook's moment (once: a copy made again is no news).
+            await self._hook(hooks, row, rel, local, sidecar, staged=remove)
         if remove:
+            # The ledger said "removed" first: a crash before this line is finished by reconcile.
+            await asyncio.to_thread(_remove_local, local)
             self.stats.local_removed += 1
         self.stats.adopted += stored.adopted
         self.stats.copied += not stored.adopted
@@ -236,6 +227,21 @@ class Copier:
             self.pause_reason, self.paused_since, self.last_error = None, None, None
         log.info("copy.completed", recording=row.ref, dest=dest, key=stored.key, size=size, adopted=stored.adopted,
                  etag=stored.etag, state=state, local_removed=remove)
+
+    async def _hook(self, hooks: HookRunner, row: Row, rel: PurePosixPath, local: Path, sidecar: bytes, *,
+                    staged: bool) -> None:
+        """Hand the recording to ``hooks.on_archived``. When the local copy goes (``staged``), the hook
+        reads it by a name of its own (a hard link beside the marker), which goes when the run is
+        over: neither the removal nor whatever comes to the archive path later touches it."""
+        path, release = local, None
+        if staged:
+            try:
+                path = await asyncio.to_thread(self.archive.stage_for_hook, rel)
+            except OSError as exc:
+                hooks.drop(row.ref, f"the hook's own name for the file could not be made: {exc.strerror or exc}")
+                return
+            release = functools.partial(self.archive.unstage, path)
+        hooks.submit(HookJob(recording=row.ref, path=path, sha256=row.sha256 or "", sidecar=sidecar, release=release))
 
     async def _object_step(self, row: Row, attempts: int, step: Awaitable[_T]) -> _T | None:
         """One request about this recording's objects. Its own trouble (the server refuses this object,
@@ -325,29 +331,8 @@ def _due(db: LedgerDb, *, dest: str, now: float, busy: set[str]) -> list[DueCopy
     return db.due_copies(dest, 1, now=now, exclude=busy)
 
 
-FileIdentity = tuple[int, int, int, int]
-
-
-def _hashed(path: Path, part_size: int) -> tuple[FileIdentity | None, UploadHashes]:
-    ident = _identity(path)
-    return ident, upload_hashes(path, part_size)
-
-
-def _identity(path: Path) -> FileIdentity | None:
-    """Which file stands at ``path``: an inode number alone is reused at once by a file made after
-    the first went; its change time and size tell the two apart."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size
-
-
-def _remove_local(path: Path, ident: FileIdentity | None = None) -> None:
-    """The local copy and its sidecar go once the off-box copy is verified (``keep_local: false``) —
-    only if ``path`` is still the file ``ident`` names."""
-    if ident is None or _identity(path) != ident:
-        return
+def _remove_local(path: Path) -> None:
+    """The local copy and its sidecar go once the off-box copy is verified (``keep_local: false``)."""
     for p in (path, path.with_name(path.name + ".json")):
         try:
             if stat.S_ISREG(os.lstat(p).st_mode):

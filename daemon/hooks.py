@@ -7,7 +7,7 @@ at most ``hooks.timeout_s`` (then its whole process group is killed); at most ``
 for a slot, and a run that finds the backlog full is dropped with ``hook.dropped``. Runs are never
 retried and the backlog is not kept across restarts: a hook runs at most once per archived recording.
 A job may carry a ``release``: called once no run will read the file any more, whatever became of the
-run (with ``archive.keep_local: false`` the local copy goes then, not under a hook still reading it).
+run (with ``archive.keep_local: false`` the hook's own name for the file goes then).
 """
 
 from __future__ import annotations
@@ -142,10 +142,14 @@ class HookRunner:
                 return
             except asyncio.QueueFull:
                 reason = "backlog full"
-        log.warning("hook.dropped", recording=job.recording, reason=reason, max_queued=self.cfg.max_queued,
+        self.drop(job.recording, reason)
+        self._release_later(job)
+
+    def drop(self, recording: str, reason: str) -> None:
+        """A run that will not happen: logged and counted like a full backlog."""
+        log.warning("hook.dropped", recording=recording, reason=reason, max_queued=self.cfg.max_queued,
                     action="the archive goes on; run the hook for this recording by hand if it matters")
         self.count(DROPPED)
-        self._release_later(job)
 
     def _release_later(self, job: HookJob) -> None:
         if job.release is None:

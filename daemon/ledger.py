@@ -637,20 +637,25 @@ class LedgerDb:
         return int(n), nxt
 
     def copy_done(self, key: str, dest: str, *, object_key: str, size: int, etag: str, now: float,
-                  local_removed: bool = False) -> str:
-        """A verified copy at ``dest``; the recording is ``done`` once all its copies are. Returns its state."""
+                  local_removed: bool = False) -> tuple[str, bool]:
+        """A verified copy at ``dest``; the recording is ``done`` once all its copies are. Returns its
+        state, and whether it is done for the first time: none of its copies had been verified before
+        (a copy made again, of an object found lost or damaged, is not a new recording)."""
         with self.write() as c:
+            before = c.execute("SELECT COUNT(*) FROM copies WHERE key = ? AND verified_at IS NOT NULL",
+                               (key,)).fetchone()[0]
             c.execute("UPDATE copies SET state = 'done', object_key = ?, size = ?, etag = ?, last_error = NULL, "
                       "updated_at = ?, verified_at = ? WHERE key = ? AND dest = ?",
                       (object_key, size, etag, now, now, key, dest))
             left = c.execute("SELECT COUNT(*) FROM copies WHERE key = ? AND state != 'done'", (key,)).fetchone()[0]
+            became = 0
             if left == 0:
-                c.execute("UPDATE recordings SET state = 'done', updated_at = ? WHERE key = ? AND state = 'copying'",
-                          (now, key))
+                became = c.execute("UPDATE recordings SET state = 'done', updated_at = ? WHERE key = ? "
+                                   "AND state = 'copying'", (now, key)).rowcount
             if local_removed:
                 c.execute("UPDATE recordings SET local_kept = 0 WHERE key = ?", (key,))
             row = c.execute("SELECT state FROM recordings WHERE key = ?", (key,)).fetchone()
-        return str(row["state"]) if row else "gone"
+        return (str(row["state"]) if row else "gone"), bool(became) and before == 0
 
     def copy_chosen(self, key: str, dest: str, object_key: str) -> None:
         """Remember the object key a copy goes to (an alternate name when the first was taken)."""

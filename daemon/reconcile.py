@@ -185,8 +185,12 @@ def reconcile(db: LedgerDb, archive: ArchiveDir, *, now: float, skip: Path | Non
             if row.final_path in kept_paths:
                 continue
             with contextlib.suppress(OSError):
-                if archive.exists(rel) and row.sha256 and _holds(archive, rel, row.sha256):
+                present = archive.exists(rel)
+                if present and row.sha256 and _holds(archive, rel, row.sha256):
                     os.unlink(archive.root / rel)
+                    present = False
+                if present is False:
+                    # Its sidecar too, also when the file went first (a crash between the two removals).
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(archive.root / f"{rel}.json")
             continue

@@ -185,6 +185,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
             scheduler.hurry = hurry
         hooks = HookRunner(cfg.hooks, lambda result: metrics.hook_runs.labels(outcome=result).inc(),
                            grace_s=cfg.service.shutdown_grace_s, stop=stop, hurry=scheduler.hurry)
+        # A hook of an earlier process is not waited for: the names it read recordings by go.
+        await asyncio.to_thread(archive.clear_hook_names)
         if hooks.enabled:
             hooks.start()
             stack.push_async_callback(hooks.close, drain=False)   # an error on the way: kill what runs
@@ -193,10 +195,8 @@ async def run_pipeline(cfg: Config, stop: asyncio.Event, *, once: bool, clock: C
                 scheduler.on_done = lambda row, result: hooks.submit(HookJob.archived(
                     archive_root, row.ref, result.final_path, result.sha256, result.record))
             else:
-                # With an off-box copy a recording is archived once that copy is verified: the hook runs
-                # then, and a local copy that goes (keep_local: false) goes when the hook is done with it.
-                copier.on_done = lambda row, local, sidecar, release: hooks.submit(HookJob(
-                    recording=row.ref, path=local, sha256=row.sha256 or "", sidecar=sidecar, release=release))
+                # With an off-box copy a recording is archived once that copy is verified: the hook runs then.
+                copier.hooks = hooks
         pipeline = Pipeline(ledger, scheduler, downloader, copier)
         await _refresh_counts(health, ledger)  # before the pipeline shows: no scrape sees "never archived"
         health.pipeline = pipeline

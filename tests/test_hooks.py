@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -18,9 +18,9 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.archive import HOOKS_DIR, MARKER_DIR, ArchiveDir
 from daemon.clock import SystemClock
 from daemon.config import HooksConfig, load_config, parse_config
-from daemon.copier import FileIdentity, _identity, _remove_local
 from daemon.errors import ConfigError
 from daemon.hooks import (
     DROPPED,
@@ -383,33 +383,27 @@ def test_a_release_that_fails_is_logged_and_the_pool_goes_on(tmp_path: Path) -> 
     assert [e["recording"] for e in logs if e["event"] == "hook.release_failed"] == ["1"]
 
 
-def _kept_file(tmp_path: Path, name: str) -> tuple[Path, FileIdentity | None]:
-    path = tmp_path / name
-    path.write_bytes(b"RIFF")
-    Path(f"{path}.json").write_text("{}")
-    return path, _identity(path)
-
-
-@pytest.mark.parametrize(("meanwhile", "removed"), [
-    ("nothing", True),          # the removal takes the file and its sidecar
-    ("replaced", False),        # another file came to stand at the path: it is not ours to take
-    ("gone", False),            # removed by hand meanwhile: nothing to do, no error
-    ("unknown", False),         # the file was never identified: never a blind removal
-])
-def test_a_removal_put_off_takes_only_the_file_that_was_copied(tmp_path: Path, meanwhile: str,
-                                                               removed: bool) -> None:
-    path, ident = _kept_file(tmp_path, "a.wav")
-    if meanwhile == "replaced":
-        path.unlink()
-        # Most likely on the first one's inode number (ext4 reuses it at once); ctime and size differ.
-        path.write_bytes(b"RIFF another recording")
-    elif meanwhile == "gone":
-        path.unlink()
-    elif meanwhile == "unknown":
-        ident = None
-    _remove_local(path, ident)
-    assert path.exists() == (meanwhile != "gone" and not removed)
-    assert Path(f"{path}.json").exists() == (not removed)
+def test_a_hooks_own_name_for_a_recording_outlives_the_archive_path_and_goes_when_unstaged(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    (root / "2026" / "12").mkdir(parents=True)
+    archive = ArchiveDir(root)
+    rel = PurePosixPath("2026/12/a.wav")
+    (root / rel).write_bytes(b"RIFF one")
+    staged = archive.stage_for_hook(rel)
+    again = archive.stage_for_hook(rel)          # a second run of the same file gets a name of its own
+    assert staged != again and staged.name == again.name == "a.wav"
+    assert staged.is_relative_to(root / MARKER_DIR / HOOKS_DIR)
+    assert os.stat(staged).st_ino == os.stat(root / rel).st_ino     # a hard link: no bytes copied
+    (root / rel).unlink()                                             # keep_local: false
+    (root / rel).write_bytes(b"RIFF another recording at the same path")
+    assert staged.read_bytes() == b"RIFF one"
+    # The archive's walk (reconcile's) never sees the hooks' names as recordings.
+    assert [f for _, files in archive.walk() for f in files if f.endswith(".wav")] == ["a.wav"]
+    archive.unstage(staged)
+    assert not staged.parent.exists() and again.exists() and (root / rel).exists()
+    archive.unstage(tmp_path / "elsewhere" / "a.wav")                 # never anything but its own folders
+    archive.clear_hook_names()                                        # at start: an earlier process's
+    assert not (root / MARKER_DIR / HOOKS_DIR).exists() and (root / rel).exists()
 
 
 # With an off-box copy: what the hook saw when it ran (the ledger's state for its recording, the file's
@@ -421,7 +415,7 @@ rec, path = os.environ["YEASTAR_ARCHIVER_RECORDING"], os.environ["YEASTAR_ARCHIV
 db = sqlite3.connect(f"file:{sys.argv[2]}?mode=ro", uri=True)
 state = db.execute("SELECT state FROM recordings WHERE rec_id = ?", (int(rec),)).fetchone()[0]
 digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
-json.dump({"state": state, "sha256": digest, "told": os.environ["YEASTAR_ARCHIVER_SHA256"],
+json.dump({"state": state, "sha256": digest, "told": os.environ["YEASTAR_ARCHIVER_SHA256"], "path": path,
            "stdin": json.loads(sys.stdin.read())}, open(os.path.join(sys.argv[1], rec + ".json"), "w"))
 """
 
@@ -459,3 +453,8 @@ async def test_with_an_off_box_copy_the_hook_runs_once_it_is_done_and_before_the
     left = [p for p in cfg.archive.dir.rglob("*") if p.is_file()
             and not p.relative_to(cfg.archive.dir).parts[0].startswith(".")]
     assert len([p for p in left if not p.name.endswith(".json")]) == (4 if keep_local else 0)
+    # keep_local: the archive's own file; else a name of the hook's own, gone once the run was over.
+    hook_names = cfg.archive.dir / MARKER_DIR / HOOKS_DIR
+    for rec in sim.recordings:
+        assert Path(seen[str(rec.id)]["path"]).is_relative_to(cfg.archive.dir if keep_local else hook_names)
+    assert not hook_names.exists() or list(hook_names.iterdir()) == []

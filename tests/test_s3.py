@@ -162,8 +162,12 @@ async def test_keep_local_false_leaves_the_bucket_as_the_archive(start_sim: SimF
         result = await _once(cfg)
         assert result.counts["done"] == 4
         _assert_both_hold(server, cfg, {_rel(r): sim.content(r) for r in sim.recordings}, local=False)
+        # A crash between the two removals: the file went, its sidecar stayed. The next start finishes it.
+        left_behind = load_config(cfg).archive.dir / f"{_rel(sim.recordings[0])}.json"
+        left_behind.write_text("{}")
         again = await _once(cfg)     # reconciliation must not call the removed files vanished
         assert again.reconcile.vanished == [] and again.stats.downloaded == 0
+        assert not left_behind.exists()
 
 
 @pytest.mark.parametrize("kind", SERVERS)
