@@ -6,7 +6,7 @@ with the disk (I4). Redundant downloads are counted (a recording the simulator s
 than once), and so are all bytes served per byte archived (cut and resumed transfers included).
 Exit 0 when every check holds.
 
-    .venv/bin/python bench/soak.py --kills 10             # the short form (make test runs it)
+    .venv/bin/python bench/soak.py --kills 10             # the short form (make test runs a 5-kill pytest instead)
     .venv/bin/python bench/soak.py --kills 200 --seed 3   # the long form for docs/benchmarks.md
 """
 

@@ -114,8 +114,10 @@ EPILOGS = {
            "  untrusted certificate never end it: it stays up, not ready)\n"
            "example: yeastar-archiver run -c /etc/yeastar-archiver/config.yaml",
     "once": "exit codes: 0 every queued recording ended done or missing (missing ones are named), 1 any ended failed,\n"
-            "  2 invalid config or no source, 3 the PBX refused the credentials or the IP, 4 unreachable or\n"
-            "  untrusted certificate, 5 stopped before the queue was drained (run it again), 6 wrong archive folder\n"
+            "  2 invalid config or no source, 3 the PBX (or S3) refused the credentials or the IP, 4 an untrusted\n"
+            "  certificate or an S3 endpoint that stayed unreachable, 5 stopped before the queue was drained (a\n"
+            "  signal, a PBX outage longer than downloads.once_give_up_s, discovery incomplete: run it again),\n"
+            "  6 wrong archive folder\n"
             "example: yeastar-archiver once -c config.yaml",
     "status": "exit codes: 0 shown, 2 invalid config or a ledger this user may not read\n"
               "example: yeastar-archiver status --json -c config.yaml",
@@ -658,7 +660,8 @@ def once_exit_code(result: RunResult) -> int:
     """3 the PBX refused us, 4 its certificate is not trusted, 1 any recording ended failed, 5 stopped with
     work left (a signal, or ``downloads.once_give_up_s`` paused), else 0. Says why on stderr."""
     if result.fatal is not None:
-        _err(f"once: PBX refused us: {result.fatal}")
+        what = "the PBX refused us" if result.fatal.exit_code == EXIT_AUTH else "the PBX cannot be used as configured"
+        _err(f"once: {what}: {result.fatal}")
         return result.fatal.exit_code
     if result.untrusted is not None:
         _err(f"once: the PBX's certificate is not trusted: {result.untrusted}")
@@ -927,7 +930,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     refs = _parse_refs(args.refs)
     with _ledger(cfg) as db:
         added = db.enqueue(refs, source="cli", now=time.time())
-    print(f"enqueue: {added} added, {len(refs) - added} already known")
+    print(f"enqueue: {added} added, {len(refs) - added} already known (queued, archived, missing or forgotten: "
+          "see status)")
     return EXIT_OK
 
 

@@ -564,6 +564,7 @@ def test_another_pbx_behind_the_same_config_is_refused_unless_told(tmp_path: Pat
         cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1001]}})
         refused = run_cli("once", "-c", str(cfg))
         assert refused.returncode == 2 and "serial FIRST" in refused.stderr and "--new-pbx" in refused.stderr
+        assert "cannot be used as configured" in refused.stderr and "refused us" not in refused.stderr
         told = run_cli("once", "--new-pbx", "-c", str(cfg))
         assert told.returncode == 0, told.stderr
         assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["pbx"]["sn"] == "SECOND"
