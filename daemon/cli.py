@@ -353,9 +353,10 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
 
 
 # ---------------------------------------------------------------- check
-async def check_pbx(cfg: Config, *, force_login: bool = False) -> str:
-    """Log in, read which PBX it is, list one recording, revoke the token; returns a one-line report.
-    Raises ArchiverError (LoginRefusedError, without contacting the PBX, after failed logins in a row)."""
+async def check_pbx(cfg: Config, *, force_login: bool = False) -> tuple[str, str | None]:
+    """Log in, read which PBX it is, list one recording, revoke the token; returns a one-line report
+    and the serial the PBX told (None when it tells none). Raises ArchiverError (LoginRefusedError,
+    without contacting the PBX, after failed logins in a row)."""
     from daemon.client import PbxClient
     from daemon.clock import SystemClock
     from daemon.logins import LoginMemory, login_memory_path
@@ -365,8 +366,9 @@ async def check_pbx(cfg: Config, *, force_login: bool = False) -> str:
         page = await client.check()
     who = (f"PBX serial {info.get('sn', '?')}, firmware {info.get('firmware_version', '?')}" if info
            else "the PBX does not tell its serial (no system/information)")
+    sn = info.get("sn") if info else None
     return (f"logged in to {cfg.pbx.base_url} as {cfg.pbx.client_id!r}; {who}; "
-            f"{page.total} recordings on the PBX; token revoked")
+            f"{page.total} recordings on the PBX; token revoked"), (str(sn) if sn is not None else None)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -389,7 +391,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             _err(f"check: FAILED: {finding.text}")
             local = EXIT_CONFIG
-    remote = _check_pbx_line(cfg, force_login=args.force_login)
+    remote, same_pbx = _check_pbx_line(cfg, force_login=args.force_login)
+    if not same_pbx:
+        local = EXIT_CONFIG
     if cfg.archive.s3 is not None and remote == EXIT_OK:
         remote = _check_s3(cfg)
     return remote or local
@@ -405,31 +409,51 @@ def _print_effective_config(cfg: Config) -> None:
         print(f"  {line}")
 
 
-def _check_pbx_line(cfg: Config, *, force_login: bool = False) -> int:
+def _check_pbx_line(cfg: Config, *, force_login: bool = False) -> tuple[int, bool]:
+    """The PBX's check line(s): its exit code (0 when it answered), and whether it is the ledger's PBX."""
     import asyncio
 
     from daemon.logins import LoginRefusedError
     try:
-        report = asyncio.run(check_pbx(cfg, force_login=force_login))
+        report, sn = asyncio.run(check_pbx(cfg, force_login=force_login))
     except ConfigError as exc:
-        return _config_failed(exc)
+        return _config_failed(exc), True
     except PbxConfigError as exc:
         _err(f"check: the PBX says the configuration is wrong: {exc}")
-        return exc.exit_code
+        return exc.exit_code, True
     except LoginRefusedError as exc:
         _err(f"check: {exc}")
-        return EXIT_AUTH
+        return EXIT_AUTH, True
     except FatalAuthError as exc:
         _err(f"check: PBX refused us: {exc}")
-        return EXIT_AUTH
+        return EXIT_AUTH, True
     except TlsError as exc:
         _err(f"check: the PBX's certificate is not trusted: {exc}")
-        return EXIT_UNREACHABLE
+        return EXIT_UNREACHABLE, True
     except ArchiverError as exc:
         _err(f"check: PBX not usable: {exc}")
-        return EXIT_UNREACHABLE
+        return EXIT_UNREACHABLE, True
     print(f"check: OK: {report}")
-    return EXIT_OK
+    # once and run refuse another PBX than the one the ledger was filled from: so does check.
+    problem = _serial_problem(cfg, sn)
+    if problem is not None:
+        _err(f"check: FAILED: {problem}")
+        return EXIT_OK, False
+    return EXIT_OK, True
+
+
+def _serial_problem(cfg: Config, told: str | None) -> str | None:
+    """Why once/run would refuse this PBX for this ledger (another serial), or None. Read-only."""
+    from daemon.identity import identity_problem
+    from daemon.ledger import KV_PBX_SN
+    if not cfg.state.path.exists():
+        return identity_problem(None, told, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=False)
+    try:
+        with _ledger(cfg, read_only=True) as db:
+            recorded = db.kv_get(KV_PBX_SN)
+    except ArchiverError:
+        return None   # the state folder's own check line has said what is wrong with it
+    return identity_problem(recorded, told, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=False)
 
 
 def _check_s3(cfg: Config) -> int:

@@ -565,6 +565,12 @@ def test_another_pbx_behind_the_same_config_is_refused_unless_told(tmp_path: Pat
         refused = run_cli("once", "-c", str(cfg))
         assert refused.returncode == 2 and "serial FIRST" in refused.stderr and "--new-pbx" in refused.stderr
         assert "cannot be used as configured" in refused.stderr and "refused us" not in refused.stderr
+        # check says so too, before once or run meets it: a local failure (exit 2), the PBX itself is fine.
+        checked = run_cli("check", "-c", str(cfg))
+        assert checked.returncode == 2, checked.stderr
+        assert "check: FAILED: the ledger was filled from the PBX with serial FIRST" in checked.stderr
+        assert "answers as SECOND" in checked.stderr and "check: OK: logged in" in checked.stdout
         told = run_cli("once", "--new-pbx", "-c", str(cfg))
         assert told.returncode == 0, told.stderr
+        assert run_cli("check", "-c", str(cfg)).returncode == 0     # the ledger's PBX now
         assert json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["pbx"]["sn"] == "SECOND"
