@@ -62,10 +62,13 @@ def effective_lines(cfg: Config, from_env: Mapping[str, str]) -> list[str]:
     """``key: value`` per config key, secrets masked, ``# from $VAR`` after each one an override set
     (``from_env``: dotted key -> variable; a variable that set a whole section marks every key in it). Pure."""
     lines = []
-    for key, value in _items(cfg, ""):
+    items = _items(cfg, "")
+    values = dict(items)
+    for key, value in items:
         leaf = key.rsplit(".", 1)[-1]
         if leaf in MASKED_KEYS and value is not None:
-            shown = MASK
+            # A secret set by its *_file key is held under this one too: say where it came from.
+            shown = MASK + (f" (read from {leaf}_file)" if values.get(f"{key}_file") else "")
         elif key == "notify.url" and isinstance(value, str):
             shown = webhook_shown(value)
         elif key == "hooks.on_archived" and value:

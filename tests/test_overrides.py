@@ -140,6 +140,14 @@ def test_effective_config_masks_secrets_and_marks_keys_from_the_environment(tmp_
     assert not any("secret-value" in line or "XYZsecretXYZ" in line for line in lines)
 
 
+def test_a_secret_read_from_its_file_says_so(tmp_path: Path) -> None:
+    """The README walk (D7): with only client_secret_file set, check showed a client_secret of its own."""
+    cfg = load_config(write_config(tmp_path, "http://127.0.0.1:9"), {})   # client_secret_file only
+    lines = effective_lines(cfg, {})
+    assert "pbx.client_secret: [REDACTED] (read from client_secret_file)" in lines
+    assert any(line.startswith("pbx.client_secret_file: ") for line in lines)
+
+
 def test_check_shows_a_hook_s_program_not_its_arguments(tmp_path: Path) -> None:
     """Review V10: a hook's arguments may carry a token (an upload URL, --api-key)."""
     cfg_file = write_config(tmp_path, "http://127.0.0.1:9", extra={
@@ -199,7 +207,7 @@ def test_check_with_overrides_shows_the_effective_config_and_logs_in_with_them(t
     assert f"  pbx.base_url: {base_url}  # from $YEASTAR_ARCHIVER_PBX__BASE_URL" in out
     assert f"  pbx.client_secret_file: {tmp_path / 'env_secret'}  # from $YEASTAR_ARCHIVER_PBX__CLIENT_SECRET_FILE" \
         in out
-    assert "  pbx.client_secret: [REDACTED]\n" in out
+    assert "  pbx.client_secret: [REDACTED] (read from client_secret_file)\n" in out
     assert "  service.listen: 0.0.0.0:9464  # from $YEASTAR_ARCHIVER_SERVICE__LISTEN" in out
     assert "  archive.min_free_bytes: 0\n" in out                     # from the file: not marked
     assert f"check: OK: logged in to {base_url}" in out
