@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
 import threading
 import uuid
 from collections import OrderedDict
@@ -456,41 +455,90 @@ class ArchiveDir:
     def stage_for_hook(self, rel: PurePosixPath) -> Path:
         """A name of the hook's own for the recording at ``rel``: a hard link (else a copy) in a new
         folder under ``.yeastar-archiver/hooks/``. The archive path may go (``keep_local: false``) or
-        be taken by another recording while the hook runs; this name stays until ``unstage``."""
-        base = self.root / MARKER_DIR / HOOKS_DIR
+        be taken by another recording while the hook runs; this name stays until ``unstage``. Every
+        folder on the way is opened without following a symlink: the name never leaves the archive."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.root / MARKER_DIR, STATE_DIR_MODE)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(base, STATE_DIR_MODE)
-        folder = Path(tempfile.mkdtemp(dir=base))
-        staged = folder / rel.name
+        hooks_fd = self._hooks_dir(create=True)
+        assert hooks_fd is not None
+        try:
+            token = secrets.token_hex(8)
+            os.mkdir(token, STATE_DIR_MODE, dir_fd=hooks_fd)
+            try:
+                folder_fd = os.open(token, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                    dir_fd=hooks_fd)
+                try:
+                    self._link_or_copy(rel, folder_fd)
+                finally:
+                    os.close(folder_fd)
+            except BaseException:
+                shutil.rmtree(token, dir_fd=hooks_fd, ignore_errors=True)
+                raise
+        finally:
+            os.close(hooks_fd)
+        return self.root / MARKER_DIR / HOOKS_DIR / token / rel.name
+
+    def _link_or_copy(self, rel: PurePosixPath, folder_fd: int) -> None:
         src_dir = self.open_dir(rel.parent, create=False)
         try:
             try:
-                os.link(rel.name, staged, src_dir_fd=src_dir, follow_symlinks=False)
+                os.link(rel.name, rel.name, src_dir_fd=src_dir, dst_dir_fd=folder_fd, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP):
                     raise
                 # A filesystem without hard links: a copy, made without following a symlink.
                 src = os.open(rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
-                with open(src, "rb") as fin, open(staged, "xb") as fout:
+                dst = os.open(rel.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=folder_fd)
+                with open(src, "rb") as fin, open(dst, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 1024 * 1024)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         finally:
             os.close(src_dir)
-        return staged
+
+    def _hooks_dir(self, *, create: bool) -> int | None:
+        """``.yeastar-archiver/hooks`` opened without following a symlink (None when it is not there);
+        a symlink or a file standing there is removed first — the folder is the archiver's own."""
+        marker_fd = self.open_dir(PurePosixPath(MARKER_DIR), create=False)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISDIR(os.lstat(HOOKS_DIR, dir_fd=marker_fd).st_mode):
+                    os.unlink(HOOKS_DIR, dir_fd=marker_fd)
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(HOOKS_DIR, STATE_DIR_MODE, dir_fd=marker_fd)
+            try:
+                return os.open(HOOKS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=marker_fd)
+            except FileNotFoundError:
+                return None
+        finally:
+            os.close(marker_fd)
 
     def unstage(self, staged: Path) -> None:
         """The hook is done with its name for a recording (``stage_for_hook``): it goes."""
         folder = staged.parent
-        if folder.parent == self.root / MARKER_DIR / HOOKS_DIR:   # never anything but a folder we made
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent != self.root / MARKER_DIR / HOOKS_DIR:   # never anything but a folder we made
+            return
+        with contextlib.suppress(FileNotFoundError):
+            hooks_fd = self._hooks_dir(create=False)
+            if hooks_fd is not None:
+                try:
+                    shutil.rmtree(folder.name, dir_fd=hooks_fd, ignore_errors=True)
+                finally:
+                    os.close(hooks_fd)
 
     def clear_hook_names(self) -> None:
         """At start: no hook of an earlier process is ours to wait for; the names it read by go."""
-        shutil.rmtree(self.root / MARKER_DIR / HOOKS_DIR, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            hooks_fd = self._hooks_dir(create=False)
+            if hooks_fd is not None:
+                try:
+                    for name in os.listdir(hooks_fd):
+                        shutil.rmtree(name, dir_fd=hooks_fd, ignore_errors=True)
+                        with contextlib.suppress(OSError):
+                            os.unlink(name, dir_fd=hooks_fd)   # a file or symlink, not a folder of ours
+                finally:
+                    os.close(hooks_fd)
 
     def exists(self, rel: PurePosixPath) -> bool | None:
         """Is ``rel`` a regular file below the root? Looked up without following any symlink; None when

@@ -1084,9 +1084,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
     try:
         with _ledger(cfg) as db:
             keys = list(dict.fromkeys(k for ref in refs for k in (db.keys_for(ref) or [ref.key])))
-            # A row for the same recording by its name (not merged into its id row yet) goes too.
-            names = [row.file for row in map(db.get, keys) if row is not None and row.file]
-            keys = list(dict.fromkeys(keys + [k for name in names for k in db.keys_for(Ref(file=name))]))
+            # A row for the same recording by its name (not merged into its id row yet) goes too — not
+            # another recording that has the same file name under an id of its own.
+            same = [k for row in map(db.get, keys) if row is not None and row.file
+                    for k in db.keys_for(Ref(file=row.file))
+                    if (other := db.get(k)) is not None and other.rec_id in (None, row.rec_id)]
+            keys = list(dict.fromkeys(keys + same))
             fresh = db.forget(keys, by=by, reason=args.reason, now=now)
             print(f"forget: {len(fresh)} recording(s) forgotten, {len(keys) - len(fresh)} already were; "
                   f"recorded as {by}")

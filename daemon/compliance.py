@@ -265,6 +265,18 @@ def erase_local(archive: ArchiveDir, row: Row) -> EraseResult:
         out.problems.append(f"cannot open {str(rel.parent)!r} in archive.dir: {exc.strerror or exc}")
         return out
     try:
+        if not row.local_kept and row.sha256:
+            # Its local copy was removed (keep_local: false): the path was free, and another recording
+            # of the same name may be archived there now — its only copy, maybe. Only our own bytes go.
+            try:
+                ours = ArchiveDir.hash_file(dir_fd, rel.name)[1] == row.sha256
+            except FileNotFoundError:
+                ours = True     # nothing there; a sidecar left behind is ours
+            except OSError as exc:
+                out.problems.append(f"cannot read {str(archive.root / rel)!r}: {exc.strerror or exc}")
+                return out
+            if not ours:
+                return out
         for name in (rel.name, f"{rel.name}.json"):
             try:
                 os.unlink(name, dir_fd=dir_fd)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from daemon.archive import MARKER_DIR
 from daemon.errors import ConfigError
 from daemon.overrides import Verbatim, apply_overrides, name_variables, parse_overrides
 
@@ -399,6 +400,9 @@ def _layout(value: Any) -> str:
         raise ValueError
     if text.startswith("/") or ".." in text.split("/"):
         raise ValueError
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if parts and parts[0] == MARKER_DIR:
+        raise ValueError   # the archiver's own folder: what is there is not kept (the hooks' names)
     return text
 
 
@@ -627,7 +631,7 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
     archive_dir = arc.path_value("dir", _MISSING, "the folder the recordings are archived in")
     layout = arc.get("layout", _layout, DEFAULT_LAYOUT,
                      "a relative path template using only {file} {stem} {ext} {id} {year} {month} {day} {call_type} "
-                     "{pbx_sn}")
+                     "{pbx_sn}, outside .yeastar-archiver/")
     sidecar = arc.get("sidecar", _bool, True, "true or false")
     min_free = arc.get("min_free_bytes", _int, 256 * 1024 * 1024, "bytes >= 0", check=non_negative)
     keep_local = arc.get("keep_local", _bool, True, "true or false")

@@ -132,7 +132,9 @@ class HookRunner:
         if not self.enabled:
             self._release_later(job)
             return
-        reason = "stopping" if self._closing or self.stop.is_set() else None
+        # Not dropped for the stop alone: a recording archived within the stop's grace (a transfer or an
+        # off-box copy let finish) is archived like any other; ``close`` gives its run what is left.
+        reason = "stopping" if self._closing else None
         # max_queued 0: no backlog, a run starts only when a slot is free right now.
         if reason is None and self.cfg.max_queued == 0 and len(self._busy) + self._queue.qsize() >= len(self._workers):
             reason = "all hook slots busy"

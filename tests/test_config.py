@@ -80,6 +80,8 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     ("archive.layout", "{year}/{nope}", "archive.layout", "{file}"),
     ("archive.layout", "/abs/{file}", "archive.layout", "relative"),
     ("archive.layout", "../{file}", "archive.layout", "relative"),
+    ("archive.layout", ".yeastar-archiver/hooks/{file}", "archive.layout", "outside .yeastar-archiver/"),
+    ("archive.layout", "./.yeastar-archiver/{year}/{file}", "archive.layout", "outside .yeastar-archiver/"),
     ("downloads.workers", 0, "downloads.workers", "1 to 64"),
     ("downloads.workers", 2.5, "downloads.workers", "integer"),
     ("downloads.max_attempts", True, "downloads.max_attempts", ">= 1"),

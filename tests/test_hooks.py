@@ -218,8 +218,10 @@ async def test_at_a_stop_running_hooks_get_the_grace_then_are_killed_and_queued_
         runner.submit(_job(3, tmp_path))
         await runner.close(drain=False)
     assert counts == {KILLED: 1, DROPPED: 2}
+    # 3, archived after the stop, is queued like 2 (archived within the grace is archived); the close
+    # drops both, in order, and kills the run past the grace.
     assert [(e["event"], e["recording"]) for e in logs if e["event"].startswith("hook.")] == [
-        ("hook.dropped", "3"), ("hook.dropped", "2"), ("hook.killed", "1")]
+        ("hook.dropped", "2"), ("hook.dropped", "3"), ("hook.killed", "1")]
     await _gone(child)
 
 
@@ -403,7 +405,29 @@ def test_a_hooks_own_name_for_a_recording_outlives_the_archive_path_and_goes_whe
     assert not staged.parent.exists() and again.exists() and (root / rel).exists()
     archive.unstage(tmp_path / "elsewhere" / "a.wav")                 # never anything but its own folders
     archive.clear_hook_names()                                        # at start: an earlier process's
-    assert not (root / MARKER_DIR / HOOKS_DIR).exists() and (root / rel).exists()
+    assert list((root / MARKER_DIR / HOOKS_DIR).iterdir()) == [] and (root / rel).exists()
+
+
+def test_a_symlink_at_the_hooks_folder_never_takes_a_name_outside_the_archive(tmp_path: Path) -> None:
+    """Review adv2 F1: the names stay inside the archive whatever stands at .yeastar-archiver/hooks."""
+    root = tmp_path / "archive"
+    root.mkdir()
+    (root / MARKER_DIR).mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the archiver's")
+    archive = ArchiveDir(root)
+    rel = PurePosixPath("a.wav")
+    (root / rel).write_bytes(b"RIFF one")
+    (root / MARKER_DIR / HOOKS_DIR).symlink_to(outside)
+    archive.clear_hook_names()                       # the symlink goes, never what it points at
+    assert not (root / MARKER_DIR / HOOKS_DIR).is_symlink() and (outside / "keep.txt").exists()
+    (root / MARKER_DIR / HOOKS_DIR).symlink_to(outside)
+    staged = archive.stage_for_hook(rel)             # planted again: still not followed
+    assert staged.resolve().is_relative_to(root.resolve()) and staged.read_bytes() == b"RIFF one"
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    archive.unstage(staged)
+    assert not staged.exists() and (outside / "keep.txt").exists()
 
 
 # With an off-box copy: what the hook saw when it ran (the ledger's state for its recording, the file's
