@@ -9,26 +9,15 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import structlog
 
-from daemon.clock import SystemClock
 from daemon.config import load_config
 from daemon.runner import run_pipeline
 from tests.conftest import SimFactory, write_config
-
-VERIFY_INTERVAL = 61.0   # the smallest the config allows is 60 s; the clock below makes it short
-
-
-class FastVerifyClock(SystemClock):
-    """The real clock, except that the background verify's wait between walks is 0.3 s."""
-
-    async def sleep(self, seconds: float) -> None:
-        await super().sleep(0.3 if seconds == VERIFY_INTERVAL else seconds)
-
+from tests.hooks_review.common import VERIFY_INTERVAL, FastVerifyClock, until
 
 # The first run waits for a go-file, as a slow transcription would; each run records whether the file
 # it was given was there and whole when it read it.
@@ -44,13 +33,6 @@ digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(p
 with open(os.path.join(out, "runs.jsonl"), "a") as f:
     f.write(json.dumps({"whole": digest == told}) + "\\n")
 """
-
-
-async def _until(what: Callable[[], bool], within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while not what():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def _copied_again_since(ledger: Path, since: float) -> bool:
@@ -87,14 +69,14 @@ async def test_an_object_copied_again_runs_no_second_hook_and_the_first_keeps_a_
         with structlog.testing.capture_logs() as logs:
             task = asyncio.create_task(run_pipeline(cfg, stop, once=False, clock=FastVerifyClock()))
             try:
-                await _until(lambda: (out / "started").exists())           # hook 1 runs, holding its file
+                await until(lambda: (out / "started").exists())           # hook 1 runs, holding its file
                 [key] = list(server.objects())
                 deleted_at = time.time()
                 server.client().delete_object(Bucket=BUCKET, Key=key)        # a lifecycle rule, a slip
                 # verify finds it lost; it is copied again (from the local copy, or fetched anew) and done
-                await _until(lambda: _copied_again_since(ledger, deleted_at))
+                await until(lambda: _copied_again_since(ledger, deleted_at))
                 (out / "go").write_text("")
-                await _until(lambda: (out / "runs.jsonl").exists())
+                await until(lambda: (out / "runs.jsonl").exists())
             finally:
                 (out / "go").write_text("")
                 stop.set()

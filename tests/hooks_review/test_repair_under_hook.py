@@ -11,23 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
-from daemon.clock import SystemClock
 from daemon.config import load_config
 from daemon.runner import run_pipeline
 from tests.conftest import SimFactory, write_config
-
-VERIFY_INTERVAL = 61.0   # the smallest the config allows is 60 s; the clock below makes it short
-
-
-class FastVerifyClock(SystemClock):
-    """The real clock, except that the background verify's wait between walks is 0.3 s."""
-
-    async def sleep(self, seconds: float) -> None:
-        await super().sleep(0.3 if seconds == VERIFY_INTERVAL else seconds)
-
+from tests.hooks_review.common import VERIFY_INTERVAL, FastVerifyClock, until
 
 # Records each run (did the file it was given exist, with the bytes it was told); the first run waits
 # for a go-file, as a slow transcription would.
@@ -45,13 +34,6 @@ digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(p
 with open(os.path.join(out, "runs.jsonl"), "a") as f:
     f.write(json.dumps({"first": first, "whole": digest == told}) + "\\n")
 """
-
-
-async def _until(what, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not what():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_repair_copy_never_removes_the_local_file_under_a_running_hook(
@@ -74,13 +56,13 @@ async def test_a_repair_copy_never_removes_the_local_file_under_a_running_hook(
         stop = asyncio.Event()
         task = asyncio.create_task(run_pipeline(cfg, stop, once=False, clock=FastVerifyClock()))
         try:
-            await _until(lambda: (out / "started").exists())          # hook 1 runs, holding the file
+            await until(lambda: (out / "started").exists())          # hook 1 runs, holding the file
             [(key, good)] = list(server.objects().items())
             server.client().put_object(Bucket=BUCKET, Key=key, Body=b"RIFF damaged")   # bit rot, a slip
-            await _until(lambda: server.objects().get(key) == good)      # verify found it, it was repaired
+            await until(lambda: server.objects().get(key) == good)      # verify found it, it was repaired
             await asyncio.sleep(0.5)
             (out / "go").write_text("")                                  # hook 1 now reads its file
-            await _until(lambda: (out / "runs.jsonl").exists())
+            await until(lambda: (out / "runs.jsonl").exists())
         finally:
             (out / "go").write_text("")
             stop.set()
