@@ -446,13 +446,13 @@ def _serial_problem(cfg: Config, told: str | None) -> str | None:
     """Why once/run would refuse this PBX for this ledger (another serial), or None. Read-only."""
     from daemon.identity import identity_problem
     from daemon.ledger import KV_PBX_SN
-    if not cfg.state.path.exists():
-        return identity_problem(None, told, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=False)
-    try:
-        with _ledger(cfg, read_only=True) as db:
-            recorded = db.kv_get(KV_PBX_SN)
-    except ArchiverError:
-        return None   # the state folder's own check line has said what is wrong with it
+    recorded = None
+    if cfg.state.path.exists():
+        try:
+            with _ledger(cfg, read_only=True) as db:
+                recorded = db.kv_get(KV_PBX_SN)
+        except ArchiverError:
+            return None   # the state folder's own check line has said what is wrong with it
     return identity_problem(recorded, told, layout_needs_sn="{pbx_sn}" in cfg.archive.layout, accept_new=False)
 
 
