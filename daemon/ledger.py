@@ -511,7 +511,7 @@ class LedgerDb:
                 # The first that must write opens the transaction, and the rest go inside it, in
                 # order: each sees what the ones before it wrote, as one call after another would.
                 with self.write() as c:
-                    out.extend(self._bind_in(c, k, s) for k, s in items[n:])
+                    out.extend(self._bind_new_name(c, k, s) or self._bind_in(c, k, s) for k, s in items[n:])
                 break
             out.append(read)
         return out
@@ -525,6 +525,18 @@ class LedgerDb:
                 (*name_variants(served), key, name_hash(served))).fetchone() is None:
             return "proceed", None
         return None
+
+    @staticmethod
+    def _bind_new_name(c: sqlite3.Connection, key: str, served: str) -> tuple[str, Row | None] | None:
+        """The common write (an id row learns its name, and nothing else goes by it), as one guarded
+        UPDATE; None when anything else may apply, for ``_bind_in`` to decide. Each statement costs the
+        ledger thread a wait for the GIL against the busy event loop: the long way takes six."""
+        changed = c.execute(
+            "UPDATE recordings SET file = ? WHERE key = ? AND file IS NULL AND state = 'in_progress' "
+            "AND NOT EXISTS (SELECT 1 FROM recordings WHERE (file IN (?, ?, ?) OR key = ?) AND key != ?) "
+            "AND NOT EXISTS (SELECT 1 FROM forgotten WHERE name_hash = ?)",
+            (served, key, *name_variants(served), key_for(None, served), key, name_hash(served))).rowcount
+        return ("proceed", None) if changed == 1 else None
 
     def _bind_in(self, c: sqlite3.Connection, key: str, served: str) -> tuple[str, Row | None]:
         me = c.execute(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE key = ?", (key,)).fetchone()

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from daemon.errors import LedgerError
-from daemon.ledger import KV_REBUILT, Ledger, LedgerDb, Ref
+from daemon.ledger import KV_REBUILT, Ledger, LedgerDb, Ref, Row, name_hash
 
 NAME = "20220112173629-1641980184.14-5566-5556-Internal.wav"
 
@@ -213,3 +215,82 @@ def test_the_rebuild_mark_is_kept_in_the_ledger(tmp_path: Path) -> None:
     db = _db(tmp_path)
     assert db.kv_get(KV_REBUILT) is None
     db.close()
+
+
+class _LongWayBinds(LedgerDb):
+    """The ledger with the one-statement bind turned off: the oracle the short way must agree with."""
+
+    @staticmethod
+    def _bind_new_name(c: sqlite3.Connection, key: str, served: str) -> None:
+        return None
+
+
+_NAMES = ("a.wav", "a.mp3", "a", "b.wav")
+_STATES = ("pending", "in_progress", "in_progress", "in_progress", "done", "copying", "failed", "missing",
+           "forgotten")
+_row_st = st.tuples(st.sampled_from(["id:1", "id:2", "id:3", "file:a.wav", "file:a.mp3", "file:b.wav"]),
+                    st.one_of(st.none(), st.sampled_from(_NAMES)), st.sampled_from(_STATES))
+
+
+def _fill(db: LedgerDb, rows: list[tuple[str, str | None, str]], forgotten: list[tuple[str, str]]) -> None:
+    with db.write() as c:
+        for key, file, state in rows:
+            rec_id = int(key[3:]) if key.startswith("id:") else None
+            file = file if rec_id is not None else key[5:]   # a name row goes by its name
+            c.execute("INSERT OR IGNORE INTO recordings (key, rec_id, file, state, final_path, sha256, done_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (key, rec_id, file, state,
+                                                       f"d/{file}" if state in ("done", "copying") else None,
+                                                       "ab" if state in ("done", "copying") else None, 1.0))
+        for key, name in forgotten:
+            c.execute("INSERT OR IGNORE INTO forgotten (key, name_hash, forgotten_at, forgotten_by) "
+                      "VALUES (?, ?, 1.0, 'test')", (key, name_hash(name)))
+
+
+def _dump(db: LedgerDb) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    return ([tuple(r) for r in db.conn.execute("SELECT * FROM recordings ORDER BY key")],
+            [tuple(r) for r in db.conn.execute("SELECT * FROM forgotten ORDER BY key")])
+
+
+def test_the_one_statement_bind_answers_and_writes_exactly_as_the_long_way(tmp_path: Path) -> None:
+    """The common bind (an id row learns a name nothing else goes by) is one guarded UPDATE, for the
+    ledger thread's sake; over random ledgers of ids, names, variants, states and forgotten names,
+    every batch of binds must answer and leave the ledger exactly as the long way does."""
+    short_way = [0]
+    dirs = iter(range(10**6))
+
+    class Counted(LedgerDb):
+        @staticmethod
+        def _bind_new_name(c: sqlite3.Connection, key: str, served: str) -> tuple[str, Row | None] | None:
+            out = LedgerDb._bind_new_name(c, key, served)
+            short_way[0] += out is not None
+            return out
+
+    @settings(max_examples=300, deadline=None)
+    @example(rows=[("id:1", None, "in_progress")], forgotten=[], binds=[("id:1", "a.wav")])
+    @example(rows=[("id:1", None, "in_progress"), ("id:2", None, "in_progress"), ("file:a.mp3", None, "pending")],
+             forgotten=[], binds=[("id:2", "b.wav"), ("id:1", "a.wav")])
+    @example(rows=[("id:1", None, "in_progress"), ("id:2", None, "in_progress")], forgotten=[],
+             binds=[("id:1", "a.wav"), ("id:2", "a.mp3")])
+    @example(rows=[("id:1", None, "in_progress")], forgotten=[("file:x", "a.mp3")], binds=[("id:1", "a.wav")])
+    @given(rows=st.lists(_row_st, max_size=6),
+           forgotten=st.lists(st.tuples(st.sampled_from(["id:3", "file:x"]), st.sampled_from(_NAMES)), max_size=2),
+           binds=st.lists(st.tuples(st.sampled_from(["id:1", "id:2", "id:3", "file:a.wav", "id:9"]),
+                                    st.sampled_from(_NAMES)), min_size=1, max_size=3))
+    def check(rows: list[tuple[str, str | None, str]], forgotten: list[tuple[str, str]],
+              binds: list[tuple[str, str]]) -> None:
+        n = next(dirs)
+        fast, slow = Counted(tmp_path / f"f{n}" / "l.db"), _LongWayBinds(tmp_path / f"s{n}" / "l.db")
+        try:
+            for db in (fast, slow):
+                _fill(db, rows, forgotten)
+            got = fast.bind_names(binds)
+            want = slow.bind_names(binds)
+            assert [(o, r.key if r else None) for o, r in got] == [(o, r.key if r else None) for o, r in want]
+            assert [r for _, r in got] == [r for _, r in want]
+            assert _dump(fast) == _dump(slow)
+        finally:
+            fast.close()
+            slow.close()
+
+    check()
+    assert short_way[0] > 0   # the short way was taken, not only the long one
