@@ -100,6 +100,17 @@ class RunStats:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+def claim_ahead_count(ahead: int, depth: int) -> int:
+    """How many rows to claim ahead now, with ``ahead`` claimed and not yet taken and a window of
+    ``depth`` (``downloads.prefetch_urls``): none until a quarter of the window (one row at least) has
+    been taken, then enough to fill it. Refilling after every row took one ledger transaction per
+    recording, each a wait for the ledger thread; a quarter keeps three quarters of the URLs resolving
+    ahead. Pure."""
+    if depth <= 0 or ahead > depth - max(1, depth // 4):
+        return 0
+    return depth - ahead
+
+
 class Scheduler:
     """Runs ``downloads.workers`` workers until ``stop`` (``run``) or until nothing is left (``once``)."""
 
@@ -195,12 +206,12 @@ class Scheduler:
         return self.cfg.downloads.prefetch_urls > 0 and self.downloader.gate.may_send_ahead
 
     def _top_up(self) -> None:
-        """Claim more rows ahead, in one ledger transaction at a time, up to the prefetch window."""
-        depth = self.cfg.downloads.prefetch_urls
-        if not self._prefetching or len(self._ahead) >= depth or self.stop.is_set() or \
+        """Claim more rows ahead (``claim_ahead_count``), in one ledger transaction at a time."""
+        n = claim_ahead_count(len(self._ahead), self.cfg.downloads.prefetch_urls)
+        if not self._prefetching or n == 0 or self.stop.is_set() or \
                 (self._refill is not None and not self._refill.done()):
             return
-        self._refill = asyncio.create_task(self._claim_ahead(depth - len(self._ahead)), name="claim-ahead")
+        self._refill = asyncio.create_task(self._claim_ahead(n), name="claim-ahead")
 
     async def _claim_ahead(self, n: int) -> None:
         now = self.clock.wall()

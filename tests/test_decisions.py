@@ -13,7 +13,7 @@ from daemon.downloader import gate_hint, too_slow, unproven_end, verification_pr
 from daemon.ledger import Ref
 from daemon.reconcile import identity_decision
 from daemon.resolver import RequestGate, url_needs_refresh
-from daemon.scheduler import backoff_delay, pause_delay
+from daemon.scheduler import backoff_delay, claim_ahead_count, pause_delay
 from daemon.simulator import HOSTILE_NAMES
 from daemon.sources import parse_lines, parse_ref, ref_problem, strip_comment
 from daemon.supervise import restart_delay
@@ -294,3 +294,17 @@ def test_unproven_end(size: int, head: bytes, listing: int | None, length_known:
 ])
 def test_gate_hint(content_type: str | None, hint: str | None, learnt: str | None) -> None:
     assert gate_hint(content_type, hint) == learnt
+
+
+@pytest.mark.parametrize(("ahead", "depth", "claim"), [
+    (0, 0, 0),       # prefetching off
+    (0, 1, 1), (1, 1, 0),                  # a window of one: refilled as soon as its row is taken
+    (2, 3, 1), (3, 3, 0),
+    (0, 32, 32),     # the start: the whole window
+    (31, 32, 0), (25, 32, 0),              # fewer than a quarter taken: no transaction yet
+    (24, 32, 8), (10, 32, 22),             # a quarter or more: filled up again in one claim
+    (7, 8, 0), (6, 8, 2), (8, 8, 0),
+    (40, 32, 0),     # a smaller window after a reload
+])
+def test_rows_are_claimed_ahead_once_a_quarter_of_the_window_is_taken(ahead: int, depth: int, claim: int) -> None:
+    assert claim_ahead_count(ahead, depth) == claim
