@@ -33,7 +33,7 @@ test-lowest: $(VENV)/.stamp-test promtool
 	rm -rf $(LOWEST)
 	$(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
 	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip install --quiet --resolution lowest-direct -e '.[test]'
-	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip list | grep -E -i '^(aiohttp|aiofiles|pyyaml|structlog|prometheus-client) '
+	VIRTUAL_ENV=$(CURDIR)/$(LOWEST) $(BIN)/uv pip list | grep -E -i '^(aiohttp|aiofiles|pyyaml|structlog|prometheus-client|uvloop) '
 	PATH=$(CURDIR)/$(LOWEST)/bin:$$PATH $(LOWEST)/bin/pytest -p no:cacheprovider
 
 # The container's lock: pyproject.toml's dependencies with the s3 extra (the image makes off-box copies)

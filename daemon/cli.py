@@ -36,6 +36,7 @@ from daemon.errors import (
     TlsError,
     WrongArchiveError,
 )
+from daemon.eventloop import EventLoopChoice
 from daemon.simoptions import SimOptions
 
 # Every command pays for what this module imports, and a container HEALTHCHECK runs `health` every
@@ -318,13 +319,21 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, int]],
-                      reload: Callable[[], asyncio.Event] | None = None) -> int:
+                      reload: Callable[[], asyncio.Event] | None = None, *,
+                      event_loop: EventLoopChoice | None = None) -> int:
     """Run ``main(stop, hurry)`` with SIGTERM and SIGINT setting ``stop``: the only place signals are
     handled. A second SIGTERM/SIGINT sets ``hurry``: the grace wait for in-flight downloads ends at once
     (an operator pressing Ctrl-C twice).
 
-    With ``reload`` (a factory, so that the event is made inside the running loop), SIGHUP sets it."""
+    With ``reload`` (a factory, so that the event is made inside the running loop), SIGHUP sets it.
+    ``event_loop``: ``service.event_loop`` for `run` and `once` (daemon.eventloop), whose choice is logged;
+    None (the simulator, the demo): asyncio's own."""
     import asyncio
+
+    from daemon.eventloop import loop_factory, pick_loop, uvloop_version
+    pick = pick_loop(event_loop or "asyncio", uvloop_version() if event_loop not in (None, "asyncio") else None)
+    if pick.error is not None:
+        raise ConfigError([pick.error])
 
     async def runner() -> int:
         stop = asyncio.Event()
@@ -344,12 +353,17 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
             # SIGHUP: `systemctl reload` — re-read the config, keep running.
             loop.add_signal_handler(signal.SIGHUP, reload().set)
             handled.append(signal.SIGHUP)
+        if event_loop is not None:
+            # Named from the loop that runs, not from the pick: the log line cannot claim what is not so.
+            running = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+            _log().info("service.event_loop", loop=running, reason=pick.reason)
         try:
             return await main(stop, hurry)
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
-    return asyncio.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory(pick)) as runner_:
+        return runner_.run(runner())
 
 
 # ---------------------------------------------------------------- check
@@ -642,7 +656,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         await run_pipeline(cfg, stop, once=False, reload=events[0] if events else None, hurry=hurry,
                            new_pbx=args.new_pbx)
         return EXIT_OK
-    return _guard_pipeline(lambda: _run_until_signal(main, reload=reload_event))
+    return _guard_pipeline(lambda: _run_until_signal(main, reload=reload_event,
+                                                     event_loop=cfg.service.event_loop))
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -659,7 +674,7 @@ def cmd_once(args: argparse.Namespace) -> int:
             # Exit 0 stands (nothing failed), but a mistyped id must not pass unseen.
             _err(missing_line(result.stats.missing_refs, result.stats.missing))
         return once_exit_code(result)
-    return _guard_pipeline(lambda: _run_until_signal(main))
+    return _guard_pipeline(lambda: _run_until_signal(main, event_loop=cfg.service.event_loop))
 
 
 def missing_line(named: list[str], count: int) -> str:

@@ -19,6 +19,7 @@ import yaml
 
 from daemon.archive import MARKER_DIR
 from daemon.errors import ConfigError
+from daemon.eventloop import EVENT_LOOPS, EventLoopChoice
 from daemon.overrides import Verbatim, apply_overrides, name_variables, parse_overrides
 
 DEFAULT_CONFIG_PATH = Path("/etc/yeastar-archiver/config.yaml")
@@ -175,6 +176,7 @@ class ServiceConfig:
     listen: str | None = "127.0.0.1:9464"
     shutdown_grace_s: float = 20.0
     pbx_probe_interval_s: float = 30.0
+    event_loop: EventLoopChoice = "auto"   # daemon.eventloop
 
 
 @dataclass(frozen=True)
@@ -676,6 +678,8 @@ def parse_config(data: Any, *, base_dir: Path, source_path: Path | None = None) 
         listen=sv.get("listen", _listen, default_listen, "host:port such as 127.0.0.1:9464, or null to disable"),
         shutdown_grace_s=sv.get("shutdown_grace_s", _number, 20.0, "seconds >= 0", check=non_negative),
         pbx_probe_interval_s=sv.get("pbx_probe_interval_s", _number, 30.0, "seconds > 0", check=positive),
+        event_loop=cast(EventLoopChoice, sv.get("event_loop", _choice(*EVENT_LOOPS), "auto",
+                                                "one of " + ", ".join(EVENT_LOOPS))),
     )
     sv.finish()
 

@@ -1,0 +1,71 @@
+"""service.event_loop: `run` and `once` on uvloop when it is installed, asyncio's own loop as the
+fallback or when told, the choice logged; real `once` processes against the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.eventloop import pick_loop
+from tests.conftest import archive_files, cli_env, run_cli, simulator_subprocess, write_config
+
+
+@pytest.mark.parametrize(("choice", "installed", "name", "refused"), [
+    ("auto", "0.23.0", "uvloop", False),
+    ("auto", None, "asyncio", False),        # the fallback: never a reason not to archive
+    ("asyncio", "0.23.0", "asyncio", False),
+    ("asyncio", None, "asyncio", False),
+    ("uvloop", "0.23.0", "uvloop", False),
+    ("uvloop", None, "asyncio", True),       # asked for by name and absent: said, exit 2
+])
+def test_the_loop_is_picked_from_the_config_and_what_is_installed(choice: Any, installed: str | None, name: str,
+                                                                  refused: bool) -> None:
+    pick = pick_loop(choice, installed)
+    assert pick.name == name and (pick.error is not None) == refused and pick.reason
+    if installed is None and choice != "asyncio":
+        assert "not installed" in pick.reason
+
+
+def _loop_events(stderr: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e for e in events if e["event"] == "service.event_loop"]
+
+
+def _once(work: Path, base_url: str, choice: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    work.mkdir()
+    cfg = write_config(work, base_url, extra={"sources": {"ids": [1000, 1001, 1002]},
+                                             "service": {"event_loop": choice}})
+    result = run_cli("once", "-c", str(cfg), env=env)
+    return result.returncode, result.stderr
+
+
+def test_once_runs_on_uvloop_unless_told_otherwise_and_logs_the_loop_that_runs(tmp_path: Path) -> None:
+    with simulator_subprocess("--count", "3") as base_url:
+        for choice, loop in (("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")):
+            code, stderr = _once(tmp_path / choice, base_url, choice)
+            assert code == 0, stderr
+            events = _loop_events(stderr)
+            assert [e["loop"] for e in events] == [loop], stderr
+            assert len(archive_files(tmp_path / choice / "archive")) == 3
+
+
+def test_without_uvloop_auto_falls_back_to_asyncio_and_uvloop_by_name_is_exit_2(tmp_path: Path) -> None:
+    # A uvloop that cannot be imported, ahead of the installed one on the path: as on a platform
+    # with no wheel for it.
+    blocker = tmp_path / "blocker" / "uvloop"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("no uvloop here (the test\'s blocker)")\n')
+    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])))
+    with simulator_subprocess("--count", "3") as base_url:
+        code, stderr = _once(tmp_path / "auto", base_url, "auto", env)
+        assert code == 0, stderr
+        events = _loop_events(stderr)
+        assert [e["loop"] for e in events] == ["asyncio"] and "not installed" in events[0]["reason"]
+        assert len(archive_files(tmp_path / "auto" / "archive")) == 3
+        code, stderr = _once(tmp_path / "named", base_url, "uvloop", env)
+        assert code == 2 and "service.event_loop: uvloop is not installed" in stderr, stderr
+        assert archive_files(tmp_path / "named" / "archive") == {}
