@@ -76,6 +76,24 @@ async def test_wav_uses_the_configured_workers(start_sim: SimFactory, tmp_path: 
     assert 1 < sim.counters.max_concurrency <= 4
 
 
+async def test_bodies_of_several_mib_written_a_mib_at_a_time_with_checkpoints_are_byte_identical(
+        start_sim: SimFactory, tmp_path: Path) -> None:
+    # Sizes off the MiB boundaries, checkpoints between the writes: every hand-over of the write
+    # buffer (to the writer and the hashing thread) is crossed, and the sidecars' sha256 with it.
+    import hashlib
+    import json
+    sim = await start_sim(count=4, size_min=2_500_000, size_max=3_700_000)
+    cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)},
+                                                      "downloads": {"workers": 2, "checkpoint_bytes": 1_000_000}})
+    result = await _once(cfg)
+    assert result.counts["done"] == 4
+    files = archive_files(tmp_path / "archive")
+    assert files == _expected(sim)
+    for rel, body in files.items():
+        sidecar = json.loads((tmp_path / "archive" / f"{rel}.json").read_text())
+        assert sidecar["sha256"] == hashlib.sha256(body).hexdigest()
+
+
 async def test_hostile_names_stay_inside_the_archive(start_sim: SimFactory, tmp_path: Path) -> None:
     sim = await start_sim(count=10, hostile_names=True)
     cfg = write_config(tmp_path, sim.base_url, extra={"sources": {"ids": _ids(sim)}})
