@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +69,15 @@ _NOT_INHERITED_PREFIXES = ("YEASTAR_ARCHIVER_", "NOTIFY_SOCKET", "WATCHDOG_", "C
 
 def hook_env(base: Mapping[str, str], job: HookJob) -> dict[str, str]:
     """The environment of one hook run: the daemon's own, less its settings and systemd's notify
-    channel, plus the recording's three variables. Pure."""
+    channel, plus the recording's three variables; ValueError for a NUL in any of it. Pure."""
     kept = {k: v for k, v in base.items() if not k.startswith(_NOT_INHERITED_PREFIXES)}
-    return {**kept, ENV_PATH: str(job.path), ENV_RECORDING: job.recording, ENV_SHA256: job.sha256}
+    env = {**kept, ENV_PATH: str(job.path), ENV_RECORDING: job.recording, ENV_SHA256: job.sha256}
+    # asyncio's spawn refuses a NUL in the environment; uvloop's would cut the value at it, and the hook
+    # would be told another recording's name (names from the PBX's events are not checked). Refused
+    # here, for every loop alike.
+    if any("\0" in k or "\0" in v for k, v in env.items()):
+        raise ValueError("a NUL in the hook's environment (the recording's name or path)")
+    return env
 
 
 def outcome(returncode: int, *, timed_out: bool, killed: bool) -> str:
@@ -281,15 +287,29 @@ async def _first(*aws: Awaitable[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@contextlib.contextmanager
+def _pipe_closed_by_hook(pipe: asyncio.StreamWriter) -> Iterator[None]:
+    """Swallow what writing to a hook that closed its stdin (or exited) raises: asyncio's loop raises
+    BrokenPipeError or ConnectionResetError, uvloop RuntimeError ("the handler is closed") once its
+    transport has closed. Any other RuntimeError goes on."""
+    try:
+        yield
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except RuntimeError:
+        if not pipe.is_closing():
+            raise
+
+
 async def _talk(proc: asyncio.subprocess.Process, stdin: bytes) -> bytes:
     """Feed the sidecar, read stderr keeping only its tail (bounded memory), wait for the exit."""
     assert proc.stdin is not None
     assert proc.stderr is not None
     # A hook that never reads stdin is fine: a closed pipe is its choice.
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    with _pipe_closed_by_hook(proc.stdin):
         proc.stdin.write(stdin)
         await proc.stdin.drain()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    with _pipe_closed_by_hook(proc.stdin):
         proc.stdin.close()
     tail = b""
     stream = proc.stderr

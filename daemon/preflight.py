@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import Config, SourcesConfig
+from daemon.eventloop import pick_loop, uvloop_version
 from daemon.ledger import state_access_problem
 
 NO_SOURCE = ("sources: no source is configured, so nothing would be archived: set sources.ids, "
@@ -118,6 +119,10 @@ def preflight(cfg: Config) -> list[Finding]:
             out.append(Finding(False, f"{where} is not a file this user (uid {uid}) can read"))
         else:
             out.append(Finding(True, f"{where} is readable ({me})"))
+    # The loop is picked as run and once pick it: a config they refuse (exit 2) must not pass here.
+    pick = pick_loop(cfg.service.event_loop, uvloop_version() if cfg.service.event_loop != "asyncio" else None)
+    out.append(Finding(pick.error is None, pick.error or f"service.event_loop: run and once use {pick.name}: "
+                                                         f"{pick.reason}"))
     if uid == 0:
         out.append(Finding(True, "checked as root, who may write anywhere: run check as the service user to "
                                  "check its access", note=True))
