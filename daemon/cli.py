@@ -330,14 +330,10 @@ def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[A
     None (the simulator, the demo): asyncio's own."""
     import asyncio
 
-    from daemon.eventloop import keep_inherited_descriptors, loop_factory, pick_loop, uvloop_version
+    from daemon.eventloop import loop_factory, pick_loop, uvloop_version
     pick = pick_loop(event_loop or "asyncio", uvloop_version() if event_loop not in (None, "asyncio") else None)
     if pick.error is not None:
         raise ConfigError([pick.error])
-    if event_loop is not None:
-        # What the daemon was started with (a cron wrapper's lock) stays with it, whichever loop
-        # spawns the hooks.
-        keep_inherited_descriptors()
 
     async def runner() -> int:
         stop = asyncio.Event()

@@ -1,4 +1,4 @@
-"""The event loop of `run` and `once` (uvloop when installed, else asyncio's own); what their children inherit."""
+"""The event loop `run` and `once` run on: uvloop when it is installed and not turned off, else asyncio's own."""
 
 from __future__ import annotations
 
@@ -55,25 +55,3 @@ def loop_factory(pick: LoopPick) -> Callable[[], asyncio.AbstractEventLoop] | No
         import uvloop
         return uvloop.new_event_loop
     return None
-
-
-def keep_inherited_descriptors() -> list[int]:
-    """Make every descriptor above stderr that this process was started with close-on-exec, and return
-    them. asyncio's spawn closes them in a child (close_fds); uvloop's does not (libuv closes only
-    close-on-exec ones), so a hook would inherit, say, a cron wrapper's `flock` descriptor, and a helper
-    it leaves running would hold that lock after the daemon is gone. Python opens its own descriptors
-    close-on-exec already (PEP 446): only inherited ones change."""
-    import os
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:   # no /proc: try the numbers a process is likely to have been handed
-        fds = list(range(3, 1024))
-    changed = []
-    for fd in sorted(fd for fd in fds if fd > 2):
-        try:
-            if os.get_inheritable(fd):
-                os.set_inheritable(fd, False)
-                changed.append(fd)
-        except OSError:   # closed meanwhile (the listing's own descriptor) or never open
-            continue
-    return changed

@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import subprocess
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -112,7 +115,7 @@ class HookRunner:
         self._queue: asyncio.Queue[HookJob] = asyncio.Queue(maxsize=max(1, cfg.max_queued))
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
-        self._procs: set[asyncio.subprocess.Process] = set()
+        self._procs: set[subprocess.Popen[bytes]] = set()
         self._stopped_at: float | None = None
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
@@ -187,11 +190,8 @@ class HookRunner:
     async def _run_one(self, job: HookJob) -> None:
         argv = self.cfg.on_archived
         try:
-            # A session of its own: a timeout or the shutdown kills the hook's children too.
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, env=hook_env(os.environ, job), start_new_session=True)
-        except (OSError, ValueError) as exc:   # ValueError: a NUL or an unencodable character in the env
+            proc, stderr = _spawn(argv, job)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:   # ValueError: a NUL in the env
             error = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
             log.error("hook.spawn_failed", recording=job.recording, command=argv[0], error=error,
                       action="check hooks.on_archived")
@@ -203,17 +203,20 @@ class HookRunner:
         try:
             try:
                 async with asyncio.timeout(self.cfg.timeout_s):
-                    stderr = await _talk(proc, job.sidecar)
+                    said = await _talk(proc, stderr)
             except TimeoutError:
                 timed_out = True
                 _kill_group(proc)
-                await proc.wait()
-                stderr = b""
+                await _exited(proc)
+                proc.wait()
+                said = b""
         except BaseException:
             _kill_group(proc)   # cancelled: no hook outlives the daemon
+            _reap_later(proc)
             raise
         finally:
             self._procs.discard(proc)
+            stderr.close()   # also when a helper the hook left running still holds its other end
         elapsed = round(asyncio.get_running_loop().time() - started, 3)
         result = outcome(proc.returncode if proc.returncode is not None else -1, timed_out=timed_out,
                          killed=self._killing)
@@ -227,7 +230,7 @@ class HookRunner:
             log.warning("hook.killed", recording=job.recording, reason="shutdown grace time over")
         else:
             log.warning("hook.failed", recording=job.recording, exit_code=proc.returncode, elapsed_s=elapsed,
-                        stderr=stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL_BYTES:])
+                        stderr=said.decode("utf-8", "replace").strip()[-STDERR_TAIL_BYTES:])
 
     async def close(self, *, drain: bool) -> None:
         """The shutdown step. ``drain`` (``once`` at its end): run what is queued first, unless a stop
@@ -287,55 +290,95 @@ async def _first(*aws: Awaitable[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@contextlib.contextmanager
-def _pipe_closed_by_hook(pipe: asyncio.StreamWriter) -> Iterator[None]:
-    """Swallow what writing to a hook that closed its stdin (or exited) raises: asyncio's loop raises
-    BrokenPipeError or ConnectionResetError, uvloop RuntimeError ("the handler is closed") once its
-    transport has closed. Any other RuntimeError goes on."""
+def _spawn(argv: tuple[str, ...], job: HookJob) -> tuple[subprocess.Popen[bytes], BinaryIO]:
+    """Start one run: the sidecar on stdin (a memory file: a hook that never reads it cannot block the
+    daemon's write, nor make it fail), stdout discarded, stderr a pipe whose read end is returned. In a
+    session of its own (a timeout or the shutdown kills the hook's children too) and with no descriptor
+    but 0-2 (``close_fds``).
+
+    Popen, not the loop's subprocess: uvloop's spawn does not close descriptors and leaves copies of
+    the child's stdio open in it (a helper the hook leaves running would hold them, and a cron
+    wrapper's lock), and cuts an environment value at a NUL. Popen forks and execs as asyncio's own
+    loop does, on this thread; the exit is awaited by pidfd (``_exited``), the reaping is ours."""
+    env = hook_env(os.environ, job)
+    sidecar = _memory_file(job.sidecar)
     try:
-        yield
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    except RuntimeError:
-        if not pipe.is_closing():
+        read_end, write_end = os.pipe()
+        try:
+            proc = subprocess.Popen(argv, stdin=sidecar, stdout=subprocess.DEVNULL, stderr=write_end, env=env,  # noqa: S603 (the operator's argv, no shell)
+                                    start_new_session=True, close_fds=True)
+        except BaseException:
+            os.close(read_end)
             raise
+        finally:
+            os.close(write_end)
+    finally:
+        os.close(sidecar)
+    os.set_blocking(read_end, False)
+    return proc, os.fdopen(read_end, "rb", buffering=0)
 
 
-async def _talk(proc: asyncio.subprocess.Process, stdin: bytes) -> bytes:
-    """Feed the sidecar, read stderr keeping only its tail (bounded memory), wait for the exit."""
-    assert proc.stdin is not None
-    assert proc.stderr is not None
-    # A hook that never reads stdin is fine: a closed pipe is its choice.
-    with _pipe_closed_by_hook(proc.stdin):
-        proc.stdin.write(stdin)
-        await proc.stdin.drain()
-    with _pipe_closed_by_hook(proc.stdin):
-        proc.stdin.close()
-    tail = b""
-    stream = proc.stderr
-
-    async def drain() -> None:
-        nonlocal tail
-        while chunk := await stream.read(65536):
-            tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
-    reader = asyncio.ensure_future(drain())
+def _memory_file(data: bytes) -> int:
+    """A descriptor of an unnamed file holding ``data``, at offset 0."""
     try:
-        # Not proc.wait(): asyncio's wait also waits for the pipes, which a child the hook left in the
-        # background may hold open for ever. Read what the hook itself wrote, for a moment after.
+        fd = os.memfd_create("yeastar-archiver-sidecar", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):   # no memfd (not Linux): an unlinked temp file
+        fd, name = tempfile.mkstemp(prefix="yeastar-archiver-sidecar-")
+        os.unlink(name)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reap_later(proc: subprocess.Popen[bytes]) -> None:
+    """Reap a killed run that has not exited yet without waiting for it here (cancelled: no await)."""
+    if proc.poll() is None:
+        threading.Thread(target=proc.wait, name="hook-reap", daemon=True).start()
+
+
+async def _talk(proc: subprocess.Popen[bytes], stderr: BinaryIO) -> bytes:
+    """Read stderr keeping only its tail (bounded memory), wait for the exit, reap."""
+    tail = b""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        nonlocal tail
+        try:
+            chunk = stderr.read(65536)
+        except BlockingIOError:
+            return
+        if chunk is None:
+            return
+        if not chunk:
+            loop.remove_reader(stderr.fileno())
+            eof.set()
+            return
+        tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
+    eof = asyncio.Event()
+    loop.add_reader(stderr.fileno(), readable)
+    try:
+        # Not the end of stderr: a child the hook left in the background may hold it open for ever.
+        # Read what the hook itself wrote, for a moment after it exits.
         await _exited(proc)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), STDERR_DRAIN_S)
+            await asyncio.wait_for(eof.wait(), STDERR_DRAIN_S)
     finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        loop.remove_reader(stderr.fileno())
     # The hook has exited: what it left running in its group goes with it, so that no child outlives
-    # the daemon and the slot is free when the hook is done.
+    # the daemon and the slot is free when the hook is done. Killed before the reaping, while the
+    # hook's pid (its group's id) cannot have been reused.
     _kill_group(proc)
-    await proc.wait()
+    proc.wait()
     return tail
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
+async def _exited(proc: subprocess.Popen[bytes]) -> None:
     """Return once the process itself has exited (a pidfd becomes readable), whoever holds its pipes."""
     if proc.returncode is not None:
         return
@@ -356,7 +399,7 @@ async def _exited(proc: asyncio.subprocess.Process) -> None:
         os.close(fd)
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the hook's whole process group (its own session: pgid == pid), also when the hook itself
     has exited and only what it started remains."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
