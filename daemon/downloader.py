@@ -568,8 +568,8 @@ class Downloader:
             async def flush() -> None:
                 # One write per WRITE_BYTES, not per network read; the hash runs in a worker thread beside
                 # it (hashlib releases the GIL), so neither costs the event loop. The buffer itself is
-                # handed over and a new one started: a bytes() copy held a second MiB per worker
-                # (A's peak RSS 65.4 -> 61.1 MiB, docs/benchmarks.md).
+                # handed over and a new one started: a bytes() copy held a second buffer per worker
+                # (A's peak RSS 65.4 -> 61.1 MiB with 1 MiB writes, docs/benchmarks.md).
                 nonlocal pending
                 if pending:
                     data, pending = pending, bytearray()

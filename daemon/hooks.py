@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -70,14 +71,18 @@ _NOT_INHERITED_PREFIXES = ("YEASTAR_ARCHIVER_", "NOTIFY_SOCKET", "WATCHDOG_", "C
                            "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
+# The exit of a run is awaited on a pidfd when the system has one (None: it has not; a seam for tests).
+_pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
+
+
 def hook_env(base: Mapping[str, str], job: HookJob) -> dict[str, str]:
     """The environment of one hook run: the daemon's own, less its settings and systemd's notify
     channel, plus the recording's three variables; ValueError for a NUL in any of it. Pure."""
     kept = {k: v for k, v in base.items() if not k.startswith(_NOT_INHERITED_PREFIXES)}
     env = {**kept, ENV_PATH: str(job.path), ENV_RECORDING: job.recording, ENV_SHA256: job.sha256}
-    # asyncio's spawn refuses a NUL in the environment; uvloop's would cut the value at it, and the hook
-    # would be told another recording's name (names from the PBX's events are not checked). Refused
-    # here, for every loop alike.
+    # A NUL would cut the value short in a C environment, and the hook be told another recording's name
+    # (names from the PBX's events are not checked): refused here, whoever spawns (uvloop's spawn did
+    # not refuse it; Popen does, with a less telling message).
     if any("\0" in k or "\0" in v for k, v in env.items()):
         raise ValueError("a NUL in the hook's environment (the recording's name or path)")
     return env
@@ -200,26 +205,43 @@ class HookRunner:
         self._procs.add(proc)
         timed_out = False
         started = asyncio.get_running_loop().time()
+        tail: _StderrTail | None = None
         try:
+            tail = _StderrTail(stderr)
             try:
+                # The timeout is the hook's own time: it ends when the hook exits, not when the
+                # helpers it left behind let go of its stderr.
                 async with asyncio.timeout(self.cfg.timeout_s):
-                    said = await _talk(proc, stderr)
+                    await _exited(proc)
             except TimeoutError:
                 timed_out = True
                 _kill_group(proc)
                 await _exited(proc)
-                proc.wait()
-                said = b""
+            else:
+                # Read what the hook itself wrote, for a moment after it exits: a child it left in
+                # the background may hold its stderr open for ever.
+                await tail.drained(STDERR_DRAIN_S)
+            # What it left running in its group goes with it, so that no child outlives the daemon
+            # and the slot is free when the hook is done. Killed before the reaping, while the hook's
+            # pid (its group's id) cannot have been reused.
+            _kill_group(proc)
+            proc.wait()
         except BaseException:
             _kill_group(proc)   # cancelled: no hook outlives the daemon
             _reap_later(proc)
             raise
         finally:
             self._procs.discard(proc)
-            stderr.close()   # also when a helper the hook left running still holds its other end
+            if tail is not None:
+                tail.close()   # also when a helper the hook left running still holds its other end
+            else:
+                stderr.close()
+        said = tail.data
         elapsed = round(asyncio.get_running_loop().time() - started, 3)
-        result = outcome(proc.returncode if proc.returncode is not None else -1, timed_out=timed_out,
-                         killed=self._killing)
+        code = proc.returncode if proc.returncode is not None else -1
+        # Killed by the shutdown only if our SIGKILL ended it: a hook that had exited by itself is
+        # counted by its own exit code, however late its helpers let its stderr go.
+        result = outcome(code, timed_out=timed_out, killed=self._killing and code == -signal.SIGKILL)
         self.count(result)
         if result == OK:
             log.info("hook.completed", recording=job.recording, elapsed_s=elapsed)
@@ -342,40 +364,39 @@ def _reap_later(proc: subprocess.Popen[bytes]) -> None:
         threading.Thread(target=proc.wait, name="hook-reap", daemon=True).start()
 
 
-async def _talk(proc: subprocess.Popen[bytes], stderr: BinaryIO) -> bytes:
-    """Read stderr keeping only its tail (bounded memory), wait for the exit, reap."""
-    tail = b""
-    loop = asyncio.get_running_loop()
+class _StderrTail:
+    """The last ``STDERR_TAIL_BYTES`` a run wrote to its stderr, read as it comes without blocking the
+    loop (bounded memory, whatever the hook writes)."""
 
-    def readable() -> None:
-        nonlocal tail
+    def __init__(self, pipe: BinaryIO) -> None:
+        self.data = b""
+        self._pipe = pipe
+        self._fd = pipe.fileno()
+        self._eof = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
         try:
-            chunk = stderr.read(65536)
+            chunk = self._pipe.read(65536)
         except BlockingIOError:
             return
-        if chunk is None:
+        if chunk is None:   # nothing yet (a non-blocking read)
             return
         if not chunk:
-            loop.remove_reader(stderr.fileno())
-            eof.set()
+            self._loop.remove_reader(self._fd)
+            self._eof.set()
             return
-        tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
-    eof = asyncio.Event()
-    loop.add_reader(stderr.fileno(), readable)
-    try:
-        # Not the end of stderr: a child the hook left in the background may hold it open for ever.
-        # Read what the hook itself wrote, for a moment after it exits.
-        await _exited(proc)
+        self.data = (self.data + chunk)[-STDERR_TAIL_BYTES:]
+
+    async def drained(self, timeout_s: float) -> None:
+        """Wait for the end of the pipe, at most ``timeout_s``."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(eof.wait(), STDERR_DRAIN_S)
-    finally:
-        loop.remove_reader(stderr.fileno())
-    # The hook has exited: what it left running in its group goes with it, so that no child outlives
-    # the daemon and the slot is free when the hook is done. Killed before the reaping, while the
-    # hook's pid (its group's id) cannot have been reused.
-    _kill_group(proc)
-    proc.wait()
-    return tail
+            await asyncio.wait_for(self._eof.wait(), timeout_s)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._pipe.close()
 
 
 async def _exited(proc: subprocess.Popen[bytes]) -> None:
@@ -383,9 +404,23 @@ async def _exited(proc: subprocess.Popen[bytes]) -> None:
     if proc.returncode is not None:
         return
     try:
-        fd = os.pidfd_open(proc.pid)
+        if _pidfd_open is None:
+            raise OSError(errno.ENOSYS, "no pidfd_open")
+        fd = _pidfd_open(proc.pid)
     except ProcessLookupError:
         return   # exited and reaped already
+    except OSError:
+        # No pidfd (a kernel before 5.3, a seccomp filter refusing it): ask every 50 ms whether it
+        # has exited, without reaping it (WNOWAIT: its pid stays its own until we kill its group).
+        try:
+            # No event says a process exited without a pidfd or a SIGCHLD handler (the loop's own):
+            # polling, non-blocking, is the fallback.
+            while os.waitid(os.P_PID, proc.pid,  # noqa: ASYNC110, ASYNC222 (WNOHANG: never blocks)
+                            os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                await asyncio.sleep(0.05)
+        except ChildProcessError:
+            pass   # reaped already
+        return
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     def readable() -> None:
