@@ -318,6 +318,23 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _open_missing_stdio() -> None:
+    """Put /dev/null on any of descriptors 0-2 the process was started without (`once 0<&-` from a
+    script), and give Python its stream for it. Else the loop's own descriptors take those numbers:
+    libuv (uvloop) aborts the process when it closes one of them (exit 134), and a log line for
+    stderr could land in whatever file got descriptor 2."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)   # the lowest free number: this very fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:   # closed when Python started
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115 (for the process's life)
+
+
 def _run_until_signal(main: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, int]],
                       reload: Callable[[], asyncio.Event] | None = None, *,
                       event_loop: EventLoopChoice | None = None) -> int:
@@ -1303,6 +1320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _open_missing_stdio()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in NO_CONFIG and args.config is not None:

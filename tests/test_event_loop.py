@@ -69,3 +69,23 @@ def test_without_uvloop_auto_falls_back_to_asyncio_and_uvloop_by_name_is_exit_2(
         code, stderr = _once(tmp_path / "named", base_url, "uvloop", env)
         assert code == 2 and "service.event_loop: uvloop is not installed" in stderr, stderr
         assert archive_files(tmp_path / "named" / "archive") == {}
+
+
+@pytest.mark.parametrize("closed", ["0", "0 1", "2"])
+def test_once_started_with_stdio_closed_archives_and_exits_0(tmp_path: Path, closed: str) -> None:
+    # libuv aborts the process (exit 134) when it closes a descriptor it was given at 0-2, which is
+    # what the loop's own descriptors become when the daemon is started with them closed (`0<&-`).
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    with simulator_subprocess("--count", "3") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000, 1001, 1002]}})
+        log = tmp_path / "stderr.txt"
+        redirections = " ".join(f"{fd}<&-" for fd in closed.split())
+        # stderr goes to a file unless it is the one closed; the exit code is the test's evidence.
+        script = f'exec "$0" -m daemon once -c "$1" {redirections}' + ("" if "2" in closed else ' 2>"$2"')
+        result = subprocess.run(["/bin/sh", "-c", script, sys.executable, str(cfg), str(log)], cwd=REPO,
+                                env=cli_env(), capture_output="2" not in closed, timeout=60, check=False)
+    assert result.returncode == 0, log.read_text() if log.exists() else result
+    assert len(archive_files(tmp_path / "archive")) == 3
