@@ -53,13 +53,17 @@ def test_once_runs_on_uvloop_unless_told_otherwise_and_logs_the_loop_that_runs(t
             assert len(archive_files(tmp_path / choice / "archive")) == 3
 
 
-def test_without_uvloop_auto_falls_back_to_asyncio_and_uvloop_by_name_is_exit_2(tmp_path: Path) -> None:
-    # A uvloop that cannot be imported, ahead of the installed one on the path: as on a platform
-    # with no wheel for it.
+def _without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment with a uvloop that cannot be imported ahead of the installed one on the
+    path: as on a platform with no wheel for it."""
     blocker = tmp_path / "blocker" / "uvloop"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text('raise ImportError("no uvloop here (the test\'s blocker)")\n')
-    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])))
+    return cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])))
+
+
+def test_without_uvloop_auto_falls_back_to_asyncio_and_uvloop_by_name_is_exit_2(tmp_path: Path) -> None:
+    env = _without_uvloop(tmp_path)
     with simulator_subprocess("--count", "3") as base_url:
         code, stderr = _once(tmp_path / "auto", base_url, "auto", env)
         assert code == 0, stderr
@@ -70,6 +74,19 @@ def test_without_uvloop_auto_falls_back_to_asyncio_and_uvloop_by_name_is_exit_2(
         assert code == 2 and "service.event_loop: uvloop is not installed" in stderr, stderr
         assert archive_files(tmp_path / "named" / "archive") == {}
 
+
+
+def test_check_refuses_uvloop_by_name_without_uvloop_as_run_and_once_do(tmp_path: Path) -> None:
+    # An operator's pre-flight must not pass a config the daemon then refuses (exit 2, which systemd
+    # does not restart).
+    env = _without_uvloop(tmp_path)
+    with simulator_subprocess("--count", "2") as base_url:
+        cfg = write_config(tmp_path, base_url, extra={"sources": {"ids": [1000]},
+                                                      "service": {"event_loop": "uvloop"}})
+        once = run_cli("once", "-c", str(cfg), env=env)
+        assert once.returncode == 2 and "service.event_loop" in once.stderr, once.stderr
+        check = run_cli("check", "-c", str(cfg), env=env)
+    assert check.returncode == 2 and "service.event_loop: uvloop is not installed" in check.stderr, check.stderr
 
 @pytest.mark.parametrize("closed", ["0", "0 1", "2"])
 def test_once_started_with_stdio_closed_archives_and_exits_0(tmp_path: Path, closed: str) -> None:

@@ -9,41 +9,17 @@ loop (found by an adversarial read of the hooks' spawn; each failed before the f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from daemon import hooks
-from daemon.config import HooksConfig
 from daemon.hooks import HookJob, HookRunner
-
-LOOPS = ["asyncio", "uvloop"]
+from tests.perf_review.hookrun import LOOPS, run_hooks
 
 
 def _job(tmp: Path, i: int) -> HookJob:
     return HookJob(recording=str(i), path=tmp / f"{i}.wav", sha256="0" * 64, sidecar=b'{"id": %d}' % i)
-
-
-def _run(loop: str, argv: list[str], jobs: list[HookJob], *, timeout_s: float, grace_s: float = 1.0,
-         during: Callable[[asyncio.Event], Awaitable[None]] | None = None) -> list[str]:
-    outcomes: list[str] = []
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        r = HookRunner(HooksConfig(on_archived=tuple(argv), max_concurrent=2, timeout_s=timeout_s),
-                       outcomes.append, grace_s=grace_s, stop=stop)
-        r.start()
-        for j in jobs:
-            r.submit(j)
-        if during is not None:
-            await during(stop)
-        await r.close(drain=True)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as runner:
-        runner.run(main())
-    return outcomes
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -52,23 +28,22 @@ def test_a_hook_that_exits_before_its_timeout_is_counted_by_its_exit_code(tmp_pa
                                                                           want: str) -> None:
     # Exits 0.5 s before timeout_s; the helper it leaves holds stderr for longer than the drain.
     argv = ["/bin/sh", "-c", f"sleep 30 & sleep 1.5; echo why >&2; exit {code}"]
-    assert _run(loop, argv, [_job(tmp_path, 1)], timeout_s=2.0) == [want]
+    assert run_hooks(loop, argv, [_job(tmp_path, 1)], timeout_s=2.0, max_concurrent=2) == [want]
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_hook_that_exited_by_itself_in_the_grace_is_not_counted_killed(tmp_path: Path, loop: str) -> None:
     # Exits 0 at 0.8 s; the grace (1 s from the stop at 0.1 s) ends while its stderr is still drained.
-    async def stop_soon(stop: asyncio.Event) -> None:
+    async def stop_soon(_runner: HookRunner, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.1)
         stop.set()
     argv = ["/bin/sh", "-c", "sleep 30 & sleep 0.8; exit 0"]
-    assert _run(loop, argv, [_job(tmp_path, 1)], timeout_s=20, grace_s=1.0, during=stop_soon) == ["ok"]
+    assert run_hooks(loop, argv, [_job(tmp_path, 1)], timeout_s=20, grace_s=1.0, during=stop_soon) == ["ok"]
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_without_a_pidfd_a_run_is_waited_for(tmp_path: Path, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hooks, "_pidfd_open", None)
     marker = tmp_path / "m"
-    outcomes = _run(loop, ["/bin/sh", "-c", f"sleep 0.3; echo x >> {marker}; exit 3"], [_job(tmp_path, 1)],
-                    timeout_s=5.0)
+    outcomes = run_hooks(loop, ["/bin/sh", "-c", f"sleep 0.3; echo x >> {marker}; exit 3"], [_job(tmp_path, 1)])
     assert outcomes == ["failed"] and marker.read_text() == "x\n"

@@ -4,6 +4,7 @@ copies of the hook's own stdio (libuv leaves them open in the child), so the dae
 pipe never sees an end of file; the run's pipes are closed when it is over."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -11,38 +12,26 @@ from pathlib import Path
 
 import pytest
 
+from daemon.hooks import HookJob, HookRunner
+from tests.perf_review.hookrun import LOOPS, run_hooks
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_runs_leaving_careful_helpers_do_not_leak_daemon_descriptors(tmp_path: Path, loop: str) -> None:
-    """`run` lives for months: each hook run that leaves a helper (0-2 redirected) must not keep one of
-    the daemon's descriptors open for the helper's life."""
-    import asyncio
-
-    import uvloop
-
-    from daemon.config import HooksConfig
-    from daemon.hooks import HookJob, HookRunner
     pids = tmp_path / "pids"
     argv = ("/bin/sh", "-c", f"setsid sleep 20 </dev/null >/dev/null 2>&1 & echo $! >> {pids}; exit 0")
-    outcomes: list[str] = []
     counts: list[int] = []
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        r = HookRunner(HooksConfig(on_archived=argv, max_concurrent=2, timeout_s=5.0), outcomes.append,
-                       grace_s=1.0, stop=stop)
-        r.start()
+    async def when_done(runner: HookRunner, _stop: asyncio.Event) -> None:
+        # Before its first await, no run has started yet: the loop's own descriptors are the baseline.
         counts.append(len(os.listdir("/proc/self/fd")))
-        for i in range(20):
-            r.submit(HookJob(recording=str(i), path=tmp_path / f"{i}.wav", sha256="0" * 64, sidecar=b"{}"))
-        await r._queue.join()
-        await asyncio.sleep(0.5)
+        await runner._queue.join()
+        await asyncio.sleep(0.5)   # the descriptors a finished run would keep, counted after it
         counts.append(len(os.listdir("/proc/self/fd")))
-        await r.close(drain=True)
 
+    jobs = [HookJob(recording=str(i), path=tmp_path / f"{i}.wav", sha256="0" * 64, sidecar=b"{}") for i in range(20)]
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as runner:
-            runner.run(main())
+        outcomes = run_hooks(loop, argv, jobs, max_concurrent=2, during=when_done)
     finally:
         for pid in pids.read_text().split() if pids.exists() else []:
             with contextlib.suppress(ProcessLookupError, ValueError):
